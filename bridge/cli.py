@@ -1,0 +1,350 @@
+"""The command line: `postback-bridge run | check-config | explain | stats | failed | test-event | prune`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+
+from bridge import __version__
+from bridge.config import Config, ConfigError, load_config, resolve_config_path
+from bridge.enrich import prepare
+from bridge.logs import configure
+from bridge.mapping import BadParameter, build_conversion
+from bridge.store import Store, StoreUnavailable
+from bridge.tiktok import TikTokClient, build_payload
+
+
+class CommandError(Exception):
+    """A problem the user can fix; printed as one line, exit status 1."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(resolve_config_path(args.config))
+
+
+async def _open_store(config: Config) -> Store:
+    if not config.db_path.exists():
+        raise CommandError(f"no database at {config.db_path} yet (storage.path); has the daemon run?")
+    try:
+        return await Store(config.db_path).open()
+    except Exception as exc:
+        raise CommandError(f"cannot open {config.db_path}: {exc}") from None
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.daemon import run
+
+    configure()
+    run(resolve_config_path(args.config))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    mode = "dry run (nothing is sent to TikTok)" if config.settings.tiktok.dry_run else "live"
+    print(
+        f"{config.path}: OK, {len(config.trackers)} tracker(s) "
+        f"({', '.join(sorted(config.trackers)) or 'none'}), "
+        f"{len(config.settings.pixels)} pixel(s), {mode}"
+    )
+    return 0
+
+
+def explain(config: Config, url: str, click: Any = None, now: float | None = None) -> dict[str, Any]:
+    """What the bridge would do with a postback URL: rejected, ignored, or the event it would send."""
+    now = time.time() if now is None else now
+    parts = urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    if len(segments) != 2 or segments[0] != "postback":
+        return {"result": "rejected", "status": 404, "why": "the path must be /postback/{tracker}"}
+    tracker = config.trackers.get(segments[1])
+    if tracker is None:
+        known = ", ".join(sorted(config.trackers)) or "none"
+        return {
+            "result": "rejected",
+            "status": 404,
+            "why": f"unknown tracker {segments[1]!r} (known: {known})",
+        }
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        params.setdefault(name, value)
+    if tracker.key and params.get("key") != tracker.key:
+        return {
+            "result": "rejected",
+            "status": 403,
+            "why": "wrong or missing key (the key itself is not shown)",
+        }
+    try:
+        conversion = build_conversion(tracker, params, now, config.settings.matching.default_phone_region)
+    except BadParameter as exc:
+        return {"result": "rejected", "status": 400, "why": str(exc)}
+    if conversion.event is None:
+        return {"result": "ignored", "reason": conversion.ignored_reason, "status_value": conversion.status}
+    row = {
+        **{field: getattr(conversion, field) for field in conversion.__dataclass_fields__},
+        "event_id": conversion.event_id,
+    }
+    prepared = prepare(row, click)
+    pixel = config.pixel_name(prepared.pixel_ref or config.settings.default_pixel)
+    result: dict[str, Any] = {
+        "result": "accepted",
+        "tracker": tracker.name,
+        "pixel": pixel,
+        "pixel_code": config.pixel(pixel).code if pixel else None,
+        "click_found": click is not None,
+        "match_keys": list(prepared.match_keys),
+        "event": prepared.event,
+    }
+    if pixel is None:
+        result["warning"] = f"pixel {prepared.pixel_ref!r} is not in the config: the event would fail"
+    elif not prepared.match_keys:
+        result["warning"] = (
+            "no match key (ttclid, ttp, ip+user_agent, email, phone, external_id): would be unmatched"
+        )
+    if conversion.dropped:
+        result["dropped"] = list(conversion.dropped)
+    if conversion.transaction_id:
+        result["note"] = (
+            "if this click already has this event with another transaction id, "
+            f"the event_id gets the suffix _{conversion.transaction_id}"
+        )
+    return result
+
+
+async def _find_click(config: Config, click_id: str) -> Any:
+    if not config.db_path.exists():
+        return None
+    import sqlite3
+
+    # Read-only: explain writes nothing.
+    db = sqlite3.connect(f"file:{config.db_path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute("SELECT * FROM clicks WHERE click_id = ?", (click_id,)).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = _config(args)
+    result = explain(config, args.url)
+    if result["result"] == "accepted":
+        tracker = config.trackers[result["tracker"]]
+        params = dict(parse_qsl(urlsplit(args.url).query))
+        click_id = params.get(tracker.params["click_id"], "")
+        click = asyncio.run(_find_click(config, click_id.strip()))
+        if click is not None:
+            result = explain(config, args.url, click=click)
+    print(json.dumps(result, indent=2))
+    return 0 if result["result"] != "rejected" else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from bridge.stats import collect, format_stats
+
+    async def go() -> dict[str, Any]:
+        store = await _open_store(_config(args))
+        try:
+            return await collect(store)
+        finally:
+            await store.close()
+
+    summary = asyncio.run(go())
+    print(json.dumps(summary, indent=2) if args.json else format_stats(summary))
+    return 0
+
+
+FAILED_COLUMNS = (
+    "id",
+    "tracker",
+    "click_id",
+    "event",
+    "event_id",
+    "sent_pixel",
+    "attempts",
+    "last_code",
+    "last_error",
+    "received_at",
+)
+
+
+def cmd_failed(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        store = await _open_store(_config(args))
+        try:
+            if args.failed_command == "list":
+                rows = await store.fetchall(
+                    f"SELECT {', '.join(FAILED_COLUMNS)} FROM conversions WHERE state = 'failed' "  # noqa: S608
+                    "ORDER BY id"
+                )
+                items = [dict(row) for row in rows]
+                if args.json:
+                    print(json.dumps(items, indent=2))
+                elif not items:
+                    print("no failed events")
+                else:
+                    for item in items:
+                        print(
+                            f"{item['id']}\t{item['tracker']}\t{item['event']}\t{item['event_id']}\t"
+                            f"pixel={item['sent_pixel']}\tattempts={item['attempts']}\t"
+                            f"[{item['last_code']}] {item['last_error']}"
+                        )
+                return 0
+            if not args.all and not args.ids:
+                raise CommandError("failed retry: give conversion IDs or --all")
+            if args.all:
+                count = await store.requeue_failed(None, time.time())
+            else:
+                count = await store.requeue_failed(args.ids, time.time())
+                if count != len(set(args.ids)):
+                    print(
+                        f"requeued {count} of {len(set(args.ids))}: the others are not in state failed",
+                        file=sys.stderr,
+                    )
+                    return 1
+            print(f"requeued {count} event(s); the running daemon sends them within a second")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    async def go() -> tuple[int, int]:
+        config = _config(args)
+        store = await _open_store(config)
+        try:
+            retention = config.settings.retention
+            return await store.prune(time.time(), retention.clicks, retention.finished_conversions)
+        finally:
+            await store.close()
+
+    clicks, conversions = asyncio.run(go())
+    print(f"pruned {clicks} click(s) and {conversions} finished conversion(s)")
+    return 0
+
+
+def cmd_test_event(args: argparse.Namespace) -> int:
+    config = _config(args)
+    name = config.pixel_name(args.pixel)
+    if name is None:
+        raise CommandError(
+            f"unknown pixel {args.pixel!r} (known: {', '.join(sorted(config.settings.pixels))})"
+        )
+    pixel = config.pixel(name)
+    if not pixel.test_event_code:
+        raise CommandError(
+            f"pixels.{name}.test_event_code is empty: copy it from Events Manager > Test Events first"
+        )
+    now = int(time.time())
+    event = {
+        "event": "ViewContent",
+        "event_time": now,
+        "event_id": f"postback-bridge-test-{now}",
+        "user": {"ip": "203.0.113.7", "user_agent": f"postback-bridge/{__version__} test-event"},
+        "page": {"url": "https://example.com/postback-bridge-test"},
+    }
+    payload = build_payload(
+        pixel.code, [event], config.settings.tiktok.partner_name or None, pixel.test_event_code
+    )
+
+    async def go() -> Any:
+        async with aiohttp.ClientSession() as session:
+            client = TikTokClient(session, config.settings.tiktok.endpoint, config.settings.tiktok.timeout)
+            return await client.send(pixel.access_token, payload)
+
+    answer = asyncio.run(go())
+    print(
+        json.dumps(
+            {
+                "pixel": name,
+                "result": answer.kind.value,
+                "code": answer.code,
+                "message": answer.message,
+                "request_id": answer.request_id,
+                "http_status": answer.http_status,
+            },
+            indent=2,
+        )
+    )
+    return 0 if answer.kind.value == "delivered" else 1
+
+
+# -- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c", "--config", help="main config file (default: $POSTBACK_BRIDGE_CONFIG, else config/bridge.yaml)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="postback-bridge",
+        description="Relays tracker S2S postbacks to the TikTok Events API.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"postback-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=cmd_run)
+    sub.add_parser("check-config", parents=[common], help="validate config and tracker files").set_defaults(
+        func=cmd_check_config
+    )
+    p = sub.add_parser("explain", parents=[common], help="dry-run a postback URL through the mapping")
+    p.add_argument("url", help="the postback as a tracker would send it, e.g. '/postback/keitaro?subid=...'")
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("stats", parents=[common], help="counts by state and pixel, match-key coverage")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("failed", parents=[common], help="inspect and requeue dead letters")
+    failed = p.add_subparsers(dest="failed_command", required=True, metavar="list|retry")
+    fl = failed.add_parser("list", parents=[common])
+    fl.add_argument("--json", action="store_true")
+    fl.set_defaults(func=cmd_failed)
+    fr = failed.add_parser("retry", parents=[common])
+    fr.add_argument("--all", action="store_true", help="requeue every failed event")
+    fr.add_argument("ids", nargs="*", type=int, metavar="ID")
+    fr.set_defaults(func=cmd_failed)
+    p = sub.add_parser("test-event", parents=[common], help="send one test event to Events Manager")
+    p.add_argument("--pixel", required=True, help="pixel name or code")
+    p.set_defaults(func=cmd_test_event)
+    sub.add_parser("prune", parents=[common], help="apply retention now").set_defaults(func=cmd_prune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    except (CommandError, StoreUnavailable) as exc:
+        print(f"postback-bridge: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"postback-bridge: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Configuration: YAML files -> validated, frozen config objects, with ${VAR} expansion."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import phonenumbers
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = "config/bridge.yaml"
+CONFIG_ENV = "POSTBACK_BRIDGE_CONFIG"
+
+CANONICAL_FIELDS = (
+    "click_id",
+    "status",
+    "value",
+    "currency",
+    "transaction_id",
+    "ttclid",
+    "ttp",
+    "ip",
+    "user_agent",
+    "email",
+    "phone",
+    "external_id",
+    "pixel",
+    "event_time",
+    "page_url",
+)
+EVENT_ID_FIELDS = frozenset({"click_id", "event", "transaction_id", "status", "tracker"})
+
+# TikTok's standard web events, plus legacy names TikTok still converts.
+STANDARD_EVENTS = frozenset(
+    {
+        "AddPaymentInfo",
+        "AddToCart",
+        "AddToWishlist",
+        "ApplicationApproval",
+        "CompleteRegistration",
+        "Contact",
+        "CustomizeProduct",
+        "Download",
+        "FindLocation",
+        "InitiateCheckout",
+        "Lead",
+        "Purchase",
+        "Schedule",
+        "Search",
+        "StartTrial",
+        "SubmitApplication",
+        "Subscribe",
+        "ViewContent",
+        "CompletePayment",
+        "SubmitForm",
+        "PlaceAnOrder",
+        "ClickButton",
+    }
+)
+
+TRACKER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` holds one line per problem (file: key: why)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo must never pass silently.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: Any) -> Any:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError("must be a list of CIDRs")
+    try:
+        return [ipaddress.ip_network(str(item), strict=False) for item in value]
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR: {exc}") from None
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    trusted_proxies: list[Network] = []
+    click_limit_per_minute: int = Field(600, ge=0)
+    # /metrics and /readyz: empty token and these networks by default, so a scraper on the
+    # VPS itself works while the rest of the internet sees 403.
+    metrics_allow_ips: list[Network] = Field(default_factory=lambda: _networks(["127.0.0.0/8", "::1/128"]))
+    metrics_token: str = ""
+
+    _cidrs = field_validator("trusted_proxies", "metrics_allow_ips", mode="before")(_networks)
+
+
+class StorageConfig(_Model):
+    path: str = "/var/lib/postback-bridge/bridge.db"
+
+
+class TikTokConfig(_Model):
+    endpoint: str = "https://business-api.tiktok.com/open_api/v1.3/event/track/"
+    dry_run: bool = False
+    timeout: float = Field(10.0, gt=0, le=300)
+    batch_size: int = Field(500, ge=1, le=1000)
+    partner_name: str = "postback-bridge"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+/\S*$", value):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+
+class PixelConfig(_Model):
+    code: str = Field(min_length=1)
+    access_token: str
+    test_event_code: str = ""
+
+
+class MatchingConfig(_Model):
+    default_phone_region: str = "US"
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        value = value.upper()
+        if value not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError("not a region code phonenumbers knows (two letters, e.g. US, DE, BR)")
+        return value
+
+
+class DeliveryConfig(_Model):
+    max_attempts: int = Field(20, ge=1, le=1000)
+    max_event_age: float = Field(604800, gt=0)
+
+
+class RetentionConfig(_Model):
+    clicks: float = Field(2592000, gt=0)
+    finished_conversions: float = Field(7776000, gt=0)
+
+
+class Settings(_Model):
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    tiktok: TikTokConfig = TikTokConfig()
+    default_pixel: str = "main"
+    pixels: dict[str, PixelConfig] = Field(min_length=1)
+    matching: MatchingConfig = MatchingConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    trackers_dir: str = "trackers"
+    retention: RetentionConfig = RetentionConfig()
+
+    @model_validator(mode="after")
+    def _pixels(self) -> Settings:
+        if _pixel_name(self.pixels, self.default_pixel) is None:
+            raise ValueError(f"default_pixel {self.default_pixel!r} is not one of pixels")
+        if not self.tiktok.dry_run:
+            for name, pixel in self.pixels.items():
+                if not pixel.access_token:
+                    raise ValueError(
+                        f"pixels.{name}.access_token is empty (allowed only with tiktok.dry_run)"
+                    )
+        return self
+
+
+class EventRoute(_Model):
+    event: str | None
+    pixel: str | None = None
+
+
+class TrackerConfig(_Model):
+    name: str
+    key: str = ""
+    allow_ips: list[Network] = []
+    pixel: str | None = None
+    params: dict[str, str] = {}
+    events: dict[str, EventRoute] = {}
+    default_currency: str = "USD"
+    event_id: str = "{click_id}_{event}"
+
+    _cidrs = field_validator("allow_ips", mode="before")(_networks)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TRACKER_NAME.match(value):
+            raise ValueError("must be URL-safe: lowercase letters, digits, '-' or '_', at most 64")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(CANONICAL_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}; fields are {', '.join(CANONICAL_FIELDS)}")
+        if "click_id" not in value:
+            raise ValueError("click_id must be mapped to the tracker's click id parameter")
+        if "key" in value.values():
+            raise ValueError("'key' is reserved for the postback key")
+        return value
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _events(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        routes: dict[str, Any] = {}
+        for status, route in value.items():
+            # `sale: Purchase` and `rejected: null` are shorthand for {event: ...}.
+            if route is None or isinstance(route, str):
+                route = {"event": route}
+            routes[str(status).strip().lower()] = route
+        return routes
+
+    @field_validator("default_currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]{3}", value):
+            raise ValueError("must be a three-letter ISO 4217 code")
+        return value.upper()
+
+    @field_validator("event_id")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template: {exc}") from None
+        bad = sorted(names - EVENT_ID_FIELDS)
+        if bad:
+            raise ValueError(f"unknown field {{{bad[0]}}}; fields are {', '.join(sorted(EVENT_ID_FIELDS))}")
+        if "click_id" not in names:
+            raise ValueError("must contain {click_id}, or every click would share one event_id")
+        return value
+
+
+def _pixel_name(pixels: Mapping[str, PixelConfig], ref: str | None) -> str | None:
+    """The config name of a pixel referred to by name or by code, or None."""
+    if not ref:
+        return None
+    if ref in pixels:
+        return ref
+    for name, pixel in pixels.items():
+        if pixel.code == ref:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon runs on: the main settings and every tracker, by name."""
+
+    settings: Settings
+    trackers: Mapping[str, TrackerConfig]
+    path: Path
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def db_path(self) -> Path:
+        return _relative_to(self.path, self.settings.storage.path)
+
+    @property
+    def trackers_dir(self) -> Path:
+        return _relative_to(self.path, self.settings.trackers_dir)
+
+    def pixel_name(self, ref: str | None) -> str | None:
+        return _pixel_name(self.settings.pixels, ref)
+
+    def pixel(self, name: str) -> PixelConfig:
+        return self.settings.pixels[name]
+
+
+def _relative_to(config_path: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else config_path.parent / path
+
+
+def resolve_config_path(arg: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(arg or environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def expand_env(value: Any, environ: Mapping[str, str], where: str, problems: list[str]) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
+    if isinstance(value, dict):
+        return {
+            k: expand_env(v, environ, f"{where}.{k}" if where else str(k), problems) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [expand_env(v, environ, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        problems.append(
+            f"{where}: environment variable {name} is not set (use ${{{name}:-default}} for a default)"
+        )
+        return ""
+
+    return _VAR.sub(sub, value)
+
+
+def _read_yaml(path: Path, environ: Mapping[str, str], problems: list[str]) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror or exc}")
+        return None
+    except UnicodeDecodeError:
+        problems.append(f"{path}: not UTF-8 text")
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problems.append(f"{path}: YAML syntax error at {at}{problem}")
+        return None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: must be a mapping of keys to values")
+        return None
+    errors: list[str] = []
+    data = expand_env(data, environ, "", errors)
+    problems.extend(f"{path}: {e}" for e in errors)
+    return data if not errors else None
+
+
+def _validation_problems(path: Path, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {key}: {msg}")
+    return lines
+
+
+def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the main file and every tracker file; raise ConfigError listing all problems."""
+    environ = os.environ if environ is None else environ
+    path = Path(path)
+    problems: list[str] = []
+    raw = _read_yaml(path, environ, problems)
+    if raw is None:
+        raise ConfigError(problems)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_validation_problems(path, exc)) from None
+
+    warnings: list[str] = []
+    trackers: dict[str, TrackerConfig] = {}
+    origin: dict[str, Path] = {}
+    trackers_dir = _relative_to(path, settings.trackers_dir)
+    if not trackers_dir.is_dir():
+        problems.append(f"{path}: trackers_dir: {trackers_dir} is not a directory")
+    else:
+        for file in sorted(trackers_dir.glob("*.yaml")):
+            data = _read_yaml(file, environ, problems)
+            if data is None:
+                continue
+            try:
+                tracker = TrackerConfig.model_validate(data)
+            except ValidationError as exc:
+                problems.extend(_validation_problems(file, exc))
+                continue
+            if tracker.name in trackers:
+                problems.append(f"{file}: name: {tracker.name!r} is already used by {origin[tracker.name]}")
+                continue
+            problems.extend(_tracker_pixel_problems(file, tracker, settings))
+            warnings.extend(_custom_event_warnings(file, tracker))
+            trackers[tracker.name] = tracker
+            origin[tracker.name] = file
+    if problems:
+        raise ConfigError(problems)
+    return Config(settings=settings, trackers=trackers, path=path, warnings=tuple(warnings))
+
+
+def _tracker_pixel_problems(file: Path, tracker: TrackerConfig, settings: Settings) -> list[str]:
+    problems = []
+    if tracker.pixel is not None and _pixel_name(settings.pixels, tracker.pixel) is None:
+        problems.append(f"{file}: pixel: {tracker.pixel!r} is not one of pixels in the main config")
+    for status, route in tracker.events.items():
+        if route.pixel is not None and _pixel_name(settings.pixels, route.pixel) is None:
+            problems.append(
+                f"{file}: events.{status}.pixel: {route.pixel!r} is not one of pixels in the main config"
+            )
+    return problems
+
+
+def _custom_event_warnings(file: Path, tracker: TrackerConfig) -> list[str]:
+    return [
+        f"{file}: events.{status}: {route.event!r} is not a TikTok standard event; "
+        "it will be sent as a custom event (check the spelling)"
+        for status, route in tracker.events.items()
+        if route.event is not None and route.event not in STANDARD_EVENTS
+    ]
+
+
+ResultKind = Literal["accepted", "duplicate", "ignored"]

@@ -1,0 +1,175 @@
+"""The daemon: listener + delivery worker + retention pruning, signals, reload, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from bridge.config import Config, ConfigError, load_config
+from bridge.logs import get_logger
+from bridge.runtime import Runtime
+from bridge.sdnotify import Notifier
+from bridge.store import Store
+from bridge.web import create_app
+from bridge.worker import Worker
+
+log = get_logger("bridge.daemon")
+
+PRUNE_EVERY_SECONDS = 3600.0
+
+
+class Daemon:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier.from_env()
+        self.runtime: Runtime | None = None
+        self.worker: Worker | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port: int | None = None
+
+    async def run(self) -> None:
+        config = self.config
+        settings = config.settings
+        if settings.tiktok.dry_run:
+            log.warning(
+                "DRY RUN: tiktok.dry_run is true; nothing is sent to TikTok, events are only logged "
+                "and marked delivered_dry_run. Set tiktok.dry_run: false to deliver."
+            )
+        for warning in config.warnings:
+            log.warning("config", problem=warning)
+        store = await Store(config.db_path).open()
+        # Leases left by a crash: those events were maybe sent, maybe not; send them again
+        # (TikTok dedupes on event + event_id).
+        await store.release_leases()
+        runtime = self.runtime = Runtime(config=config, store=store)
+        timeout = aiohttp.ClientTimeout(total=None)
+        session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=32))
+        worker = self.worker = Worker(runtime, session)
+        app = create_app(runtime)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+        try:
+            await site.start()
+            sockets = runner.addresses
+            self.port = sockets[0][1] if sockets else settings.server.port
+            worker.start()
+            self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+            self._install_signals()
+            log.info(
+                "listening",
+                host=settings.server.host,
+                port=self.port,
+                database=str(config.db_path),
+                trackers=sorted(config.trackers),
+                pixels=sorted(settings.pixels),
+            )
+            self.notifier.ready(status=f"listening on {settings.server.host}:{self.port}")
+            await self._stop.wait()
+            self.notifier.stopping()
+            log.info("stopping: no new requests; finishing in-flight deliveries")
+        finally:
+            await runner.shutdown()  # stop accepting; in-flight requests finish
+            await site.stop()
+            await worker.stop()
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await runner.cleanup()
+            await session.close()
+            await store.close()
+            log.info("stopped")
+            self.notifier.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+
+    async def reload(self) -> bool:
+        """Swap in the new config and trackers atomically; keep the old ones if the new are invalid."""
+        assert self.runtime is not None and self.worker is not None
+        self.notifier.reloading()
+        old = self.runtime.config
+        try:
+            new = load_config(old.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: keeping the running config", problem=problem)
+            self.notifier.reloaded()
+            return False
+        unchangeable = [
+            name
+            for name, a, b in (
+                ("storage.path", new.db_path, old.db_path),
+                ("server.host", new.settings.server.host, old.settings.server.host),
+                ("server.port", new.settings.server.port, old.settings.server.port),
+            )
+            if a != b
+        ]
+        for name in unchangeable:
+            log.warning("reload: this key takes effect only after a restart", key=name)
+        changed = [
+            name for name, pixel in new.settings.pixels.items() if old.settings.pixels.get(name) != pixel
+        ]
+        self.runtime.config = new
+        if changed:
+            self.worker.pixel_changed(changed)
+            released = await self.runtime.store.make_due(time.time(), changed)
+            log.info(
+                "reload: pixels changed; their waiting events are due now", pixels=changed, events=released
+            )
+        for warning in new.warnings:
+            log.warning("config", problem=warning)
+        log.info("reloaded", trackers=sorted(new.trackers), pixels=sorted(new.settings.pixels))
+        self.runtime.store.committed.set()
+        self.notifier.reloaded()
+        return True
+
+    async def _prune_loop(self) -> None:
+        assert self.runtime is not None
+        while True:
+            retention = self.runtime.config.settings.retention
+            try:
+                clicks, conversions = await self.runtime.store.prune(
+                    time.time(), retention.clicks, retention.finished_conversions
+                )
+                if clicks or conversions:
+                    log.info("pruned", clicks=clicks, conversions=conversions)
+            except Exception as exc:
+                log.error("prune failed", error=repr(exc))
+            await asyncio.sleep(PRUNE_EVERY_SECONDS)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a blocked loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+
+def run(config_path: Path) -> None:
+    config = load_config(config_path)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(Daemon(config).run())

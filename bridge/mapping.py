@@ -1,0 +1,270 @@
+"""Tracker postback parameters -> canonical conversion, by the tracker's YAML mapping (pure, no I/O)."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bridge.config import TrackerConfig
+from bridge.matching import hash_identifiers
+
+# Longest value accepted per canonical field; anything longer is a 400 naming the field.
+MAX_LENGTH = {
+    "click_id": 256,
+    "status": 64,
+    "value": 32,
+    "currency": 16,
+    "transaction_id": 256,
+    "ttclid": 1024,
+    "ttp": 256,
+    "ip": 64,
+    "user_agent": 1024,
+    "email": 320,
+    "phone": 64,
+    "external_id": 256,
+    "pixel": 128,
+    "event_time": 32,
+    "page_url": 2048,
+    "url": 2048,
+    "referrer": 2048,
+}
+
+# A tracker or network that forgot to substitute a macro sends its name: `{subid}`, `{cnv_status}`.
+_MACRO = re.compile(r"^\{[^{}]*\}$|^__[A-Z_]+__$")
+_CURRENCY = re.compile(r"^[A-Za-z]{3}$")
+
+IGNORED_UNMAPPED = "unmapped_status"
+IGNORED_NOT_SENT = "status_not_sent"
+
+
+class BadParameter(ValueError):
+    """A postback or click parameter is missing or malformed; `str()` is the 400 message."""
+
+    def __init__(self, field_name: str, why: str) -> None:
+        super().__init__(f"{field_name}: {why}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """One postback, validated and mapped; identifiers already hashed, nothing raw left."""
+
+    tracker: str
+    click_id: str
+    status: str
+    event: str | None  # None: recorded as ignored, never sent
+    ignored_reason: str | None
+    transaction_id: str  # "" when the tracker sent none
+    event_id: str | None  # from the template; the store adds the rebill suffix
+    event_time: int
+    value: float | None = None
+    currency: str | None = None
+    pixel: str | None = None  # the postback's pixel, else the status route's, else the tracker's
+    ttclid: str | None = None
+    ttp: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+    page_url: str | None = None
+    email_hash: str | None = None
+    phone_hash: str | None = None
+    external_id_hash: str | None = None
+    dropped: tuple[str, ...] = field(default=())  # fields given but unusable (unparseable phone, macro ...)
+
+
+def clean(params: Mapping[str, str], name: str, dropped: list[str] | None = None) -> str | None:
+    """A parameter's value, trimmed; None when empty or an unsubstituted macro; 400 when oversized."""
+    value = params.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if len(value) > MAX_LENGTH.get(name, 256):
+        raise BadParameter(name, f"longer than {MAX_LENGTH.get(name, 256)} characters")
+    if _MACRO.match(value):
+        if dropped is not None:
+            dropped.append(name)
+        return None
+    return value
+
+
+def canonical_params(tracker: TrackerConfig, raw: Mapping[str, str]) -> dict[str, str]:
+    """Rename the tracker's parameters to canonical fields (missing ones are left out)."""
+    return {canonical: raw[name] for canonical, name in tracker.params.items() if name in raw}
+
+
+def parse_value(text: str | None) -> float | None:
+    if text is None:
+        return None
+    # Some networks write decimals with a comma ("45,00"); a single comma is read as the point.
+    candidate = text.replace(",", ".") if text.count(",") == 1 and "." not in text else text
+    try:
+        number = float(candidate)
+    except ValueError:
+        raise BadParameter("value", f"not a number: {text[:32]!r}") from None
+    if not math.isfinite(number):
+        raise BadParameter("value", f"not a finite number: {text[:32]!r}")
+    if number < 0:
+        raise BadParameter("value", "must not be negative")
+    return number
+
+
+def parse_currency(text: str | None, default: str) -> str:
+    if text is None:
+        return default
+    if not _CURRENCY.match(text):
+        raise BadParameter("currency", f"not a three-letter ISO 4217 code: {text[:16]!r}")
+    return text.upper()
+
+
+def parse_event_time(text: str | None, received_at: float) -> int:
+    """Unix seconds; milliseconds are normalised; absent means the time the postback arrived."""
+    if text is None:
+        return int(received_at)
+    try:
+        number = float(text)
+    except ValueError:
+        raise BadParameter("event_time", "not a unix timestamp in seconds or milliseconds") from None
+    if not math.isfinite(number) or number <= 0:
+        raise BadParameter("event_time", "not a unix timestamp in seconds or milliseconds")
+    if number > 1e11:
+        number /= 1000
+    if number < 1e9 or number > received_at + 86400:
+        raise BadParameter("event_time", "out of range (before 2001 or more than a day in the future)")
+    return int(number)
+
+
+def parse_ip(text: str | None, dropped: list[str]) -> str | None:
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        dropped.append("ip")
+        return None
+
+
+def render_event_id(template: str, **fields: str) -> str:
+    return template.format_map(fields)
+
+
+def build_conversion(
+    tracker: TrackerConfig,
+    raw: Mapping[str, str],
+    received_at: float,
+    default_phone_region: str,
+) -> Conversion:
+    """Map a postback's raw parameters through the tracker's mapping; raise BadParameter for a 400."""
+    params = canonical_params(tracker, raw)
+    dropped: list[str] = []
+    click_id = clean(params, "click_id", dropped)
+    if click_id is None:
+        name = tracker.params["click_id"]
+        if "click_id" in dropped:
+            raise BadParameter(
+                "click_id", f"parameter {name!r} holds an unsubstituted macro {params['click_id'].strip()!r}"
+            )
+        raise BadParameter("click_id", f"missing (the tracker sends it as {name!r})")
+
+    status = (clean(params, "status", dropped) or "").lower()
+    transaction_id = clean(params, "transaction_id", dropped) or ""
+    value = parse_value(clean(params, "value", dropped))
+    currency = parse_currency(clean(params, "currency", dropped), tracker.default_currency)
+    event_time = parse_event_time(clean(params, "event_time", dropped), received_at)
+
+    route = tracker.events.get(status)
+    if route is None:
+        event, reason = None, IGNORED_UNMAPPED
+    elif route.event is None:
+        event, reason = None, IGNORED_NOT_SENT
+    else:
+        event, reason = route.event, None
+
+    hashed = hash_identifiers(
+        clean(params, "email", dropped),
+        clean(params, "phone", dropped),
+        clean(params, "external_id", dropped),
+        default_phone_region,
+    )
+    event_id = None
+    if event is not None:
+        event_id = render_event_id(
+            tracker.event_id,
+            click_id=click_id,
+            event=event,
+            transaction_id=transaction_id,
+            status=status,
+            tracker=tracker.name,
+        )
+    pixel = clean(params, "pixel", dropped) or (route.pixel if route else None) or tracker.pixel
+    return Conversion(
+        tracker=tracker.name,
+        click_id=click_id,
+        status=status,
+        event=event,
+        ignored_reason=reason,
+        transaction_id=transaction_id,
+        event_id=event_id,
+        event_time=event_time,
+        value=value,
+        currency=currency if value is not None or event is not None else None,
+        pixel=pixel,
+        ttclid=clean(params, "ttclid", dropped),
+        ttp=clean(params, "ttp", dropped),
+        ip=parse_ip(clean(params, "ip", dropped), dropped),
+        user_agent=clean(params, "user_agent", dropped),
+        page_url=clean(params, "page_url", dropped),
+        email_hash=hashed.email,
+        phone_hash=hashed.phone,
+        external_id_hash=hashed.external_id,
+        dropped=(*dropped, *hashed.dropped),
+    )
+
+
+@dataclass(frozen=True)
+class Click:
+    """One landing-page click registration; identifiers already hashed."""
+
+    click_id: str
+    ttclid: str | None = None
+    ttp: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+    pixel: str | None = None
+    url: str | None = None
+    referrer: str | None = None
+    email_hash: str | None = None
+    phone_hash: str | None = None
+    external_id_hash: str | None = None
+
+
+def build_click(
+    raw: Mapping[str, str],
+    ip: str | None,
+    user_agent: str | None,
+    default_phone_region: str,
+) -> Click:
+    """Validate a /click registration; raw email/phone/external_id are hashed here, at the edge."""
+    click_id = clean(raw, "click_id")
+    if click_id is None:
+        raise BadParameter("click_id", "missing")
+    hashed = hash_identifiers(
+        clean(raw, "email"), clean(raw, "phone"), clean(raw, "external_id"), default_phone_region
+    )
+    ua = (user_agent or "").strip()[: MAX_LENGTH["user_agent"]] or None
+    return Click(
+        click_id=click_id,
+        ttclid=clean(raw, "ttclid"),
+        ttp=clean(raw, "ttp"),
+        ip=ip,
+        user_agent=ua,
+        pixel=clean(raw, "pixel"),
+        url=clean(raw, "url"),
+        referrer=clean(raw, "referrer"),
+        email_hash=hashed.email,
+        phone_hash=hashed.phone,
+        external_id_hash=hashed.external_id,
+    )

@@ -1,0 +1,34 @@
+"""What the listener and the worker share while the daemon runs: current config, store, metrics, health."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from bridge.config import Config
+from bridge.metrics import Metrics
+from bridge.store import Store
+
+
+@dataclass
+class PixelHealth:
+    healthy: bool = True
+    last_error: str | None = None
+    last_code: int | None = None
+    since: float = field(default_factory=time.time)
+
+
+@dataclass
+class Runtime:
+    """Mutable on purpose: a SIGHUP reload swaps `config` in one assignment, seen by every reader next."""
+
+    config: Config
+    store: Store
+    metrics: Metrics = field(default_factory=Metrics)
+    health: dict[str, PixelHealth] = field(default_factory=dict)
+    worker_running: bool = False
+
+    def pixel_health(self, pixel: str) -> PixelHealth:
+        if pixel not in self.health:
+            self.health[pixel] = PixelHealth()
+        return self.health[pixel]

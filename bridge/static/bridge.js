@@ -1,0 +1,1 @@
+/* placeholder: landing-page snippet */

@@ -1,0 +1,123 @@
+"""Read-only summaries of the database: `stats`, `failed list`, and the gauges behind /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bridge.enrich import MATCH_KEYS
+from bridge.runtime import Runtime
+from bridge.store import STATES, Store
+
+
+async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
+    """Counts by state and pixel, oldest pending age, match-key coverage, last errors per pixel."""
+    now = time.time() if now is None else now
+    by_pixel: dict[str, dict[str, Any]] = {}
+
+    def pixel_entry(name: str) -> dict[str, Any]:
+        return by_pixel.setdefault(
+            name,
+            {
+                "states": dict.fromkeys(STATES, 0),
+                "oldest_pending_seconds": None,
+                "coverage": {},
+                "sent_with_keys": 0,
+                "healthy": True,
+                "last_code": None,
+                "last_error": None,
+            },
+        )
+
+    for row in await store.fetchall(
+        "SELECT COALESCE(sent_pixel, '') AS pixel, state, COUNT(*) AS n, MIN(received_at) AS oldest "
+        "FROM conversions GROUP BY 1, 2"
+    ):
+        entry = pixel_entry(row["pixel"] or "(not yet routed)")
+        entry["states"][row["state"]] = row["n"]
+        if row["state"] == "pending" and row["oldest"] is not None:
+            age = max(0.0, now - row["oldest"])
+            current = entry["oldest_pending_seconds"]
+            entry["oldest_pending_seconds"] = age if current is None else max(current, age)
+
+    # Coverage is over events the worker has looked at (it records which keys each one carried).
+    for row in await store.fetchall(
+        "SELECT sent_pixel AS pixel, match_keys FROM conversions "
+        "WHERE match_keys IS NOT NULL AND sent_pixel IS NOT NULL"
+    ):
+        entry = pixel_entry(row["pixel"])
+        entry["sent_with_keys"] += 1
+        for key in filter(None, row["match_keys"].split(",")):
+            entry["coverage"][key] = entry["coverage"].get(key, 0) + 1
+    for entry in by_pixel.values():
+        total = entry.pop("sent_with_keys")
+        counts = entry["coverage"]
+        entry["coverage"] = {
+            key: (round(counts.get(key, 0) / total, 4) if total else None) for key in MATCH_KEYS
+        }
+        entry["events_examined"] = total
+
+    for row in await store.fetchall("SELECT pixel, healthy, last_code, last_error FROM pixel_status"):
+        entry = pixel_entry(row["pixel"])
+        entry["healthy"] = bool(row["healthy"])
+        entry["last_code"] = row["last_code"]
+        entry["last_error"] = row["last_error"]
+    for row in await store.fetchall(
+        "SELECT sent_pixel AS pixel, last_code, last_error FROM conversions c WHERE id IN "
+        "(SELECT MAX(id) FROM conversions WHERE last_error IS NOT NULL AND sent_pixel IS NOT NULL "
+        "GROUP BY sent_pixel)"
+    ):
+        entry = pixel_entry(row["pixel"])
+        entry.setdefault("last_event_error", row["last_error"])
+
+    totals = dict.fromkeys(STATES, 0)
+    for entry in by_pixel.values():
+        for state, n in entry["states"].items():
+            totals[state] += n
+    ignored = {
+        row["reason"]: row["n"]
+        for row in await store.fetchall(
+            "SELECT reason, COUNT(*) AS n FROM conversions WHERE state = 'ignored' GROUP BY reason"
+        )
+    }
+    return {"totals": totals, "ignored_reasons": ignored, "pixels": by_pixel}
+
+
+async def refresh_gauges(runtime: Runtime) -> None:
+    """Bring the queue and state gauges up to date just before a scrape."""
+    summary = await collect(runtime.store)
+    metrics = runtime.metrics
+    metrics.conversions.clear()
+    metrics.queue_depth.clear()
+    metrics.oldest_pending.clear()
+    for pixel, entry in summary["pixels"].items():
+        for state, n in entry["states"].items():
+            metrics.conversions.labels(state, pixel).set(n)
+        metrics.queue_depth.labels(pixel).set(entry["states"]["pending"])
+        metrics.oldest_pending.labels(pixel).set(entry["oldest_pending_seconds"] or 0)
+    for pixel, health in runtime.health.items():
+        metrics.pixel_healthy.labels(pixel).set(1 if health.healthy else 0)
+
+
+def format_stats(summary: dict[str, Any]) -> str:
+    lines = ["totals: " + ", ".join(f"{state} {n}" for state, n in summary["totals"].items())]
+    if summary["ignored_reasons"]:
+        lines.append("ignored: " + ", ".join(f"{r} {n}" for r, n in summary["ignored_reasons"].items()))
+    for pixel, entry in sorted(summary["pixels"].items()):
+        lines.append(
+            f"pixel {pixel}: " + ("healthy" if entry["healthy"] else "HELD (token or permission error)")
+        )
+        lines.append("  " + ", ".join(f"{s} {n}" for s, n in entry["states"].items() if n))
+        if entry["oldest_pending_seconds"] is not None:
+            lines.append(f"  oldest pending: {entry['oldest_pending_seconds']:.0f}s")
+        if entry["events_examined"]:
+            cover = ", ".join(
+                f"{key} {share:.0%}" for key, share in entry["coverage"].items() if share is not None
+            )
+            lines.append(f"  match keys ({entry['events_examined']} events): {cover}")
+        if entry["states"].get("unmatched"):
+            lines.append(f"  unmatched (no match key at all): {entry['states']['unmatched']}")
+        if entry["last_error"] or entry.get("last_event_error"):
+            code = f" [{entry['last_code']}]" if entry["last_code"] is not None else ""
+            lines.append(f"  last error{code}: {entry['last_error'] or entry.get('last_event_error')}")
+    return "\n".join(lines)

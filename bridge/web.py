@@ -1,0 +1,334 @@
+"""The HTTP listener: app factory, routes, handlers. Postbacks and clicks enter the bridge here."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import time
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from bridge.config import Network, TrackerConfig
+from bridge.logs import get_logger
+from bridge.mapping import BadParameter, build_click, build_conversion
+from bridge.metrics import CONTENT_TYPE
+from bridge.runtime import Runtime
+from bridge.store import StoreUnavailable
+
+RUNTIME = web.AppKey("runtime", Runtime)
+MAX_BODY = 64 * 1024
+MAX_PARAMS = 100
+
+log = get_logger("bridge.web")
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+def _json(status: int, body: Mapping[str, Any]) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+
+
+def _ip_in(address: str | None, networks: Sequence[Network]) -> bool:
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_ip(request: web.Request, trusted_proxies: Sequence[Network]) -> str | None:
+    """The client's address; X-Forwarded-For is believed only when the peer is a trusted proxy.
+
+    Walks X-Forwarded-For from the right, skipping trusted proxies, so a client cannot
+    prepend a forged address.
+    """
+    peer = request.remote
+    if not trusted_proxies or not _ip_in(peer, trusted_proxies):
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer
+        if not _ip_in(hop, trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+async def read_params(request: web.Request) -> dict[str, str]:
+    """Query parameters, plus a form or JSON body on POST; the first value of a repeated name wins."""
+    params: dict[str, str] = {}
+    try:
+        pairs = list(request.query.items())
+    except UnicodeDecodeError:
+        raise BadParameter("query", "not valid UTF-8") from None
+    if request.method == "POST" and request.body_exists:
+        pairs.extend(await _body_params(request))
+    if len(pairs) > MAX_PARAMS:
+        raise BadParameter("query", f"more than {MAX_PARAMS} parameters")
+    for name, value in pairs:
+        params.setdefault(name, value)
+    return params
+
+
+async def _body_params(request: web.Request) -> list[tuple[str, str]]:
+    raw = await request.read()  # raises 413 past client_max_size
+    if not raw:
+        return []
+    ctype = request.content_type
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadParameter("body", "not valid UTF-8") from None
+    if ctype == "application/json":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise BadParameter("body", "not valid JSON") from None
+        if not isinstance(data, dict):
+            raise BadParameter("body", "JSON body must be an object")
+        return [(str(k), _scalar(k, v)) for k, v in data.items() if v is not None]
+    if ctype in ("application/x-www-form-urlencoded", "text/plain", "application/octet-stream", ""):
+        from urllib.parse import parse_qsl
+
+        try:
+            return parse_qsl(text, keep_blank_values=True, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise BadParameter("body", "not a valid form body") from None
+    if ctype == "multipart/form-data":
+        raise BadParameter("body", "multipart bodies are not accepted; send a query string, form or JSON")
+    raise BadParameter("body", f"unsupported content type {ctype[:64]!r}")
+
+
+def _scalar(name: Any, value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise BadParameter(str(name)[:64], "must be a string or a number")
+
+
+def _key_ok(tracker: TrackerConfig, given: str | None) -> bool:
+    if not tracker.key:
+        return True
+    # Constant time, so the key cannot be guessed byte by byte from response times.
+    return hmac.compare_digest((given or "").encode("utf-8", "replace"), tracker.key.encode())
+
+
+async def postback(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    config = runtime.config
+    metrics = runtime.metrics
+    name = request.match_info["tracker"]
+    tracker = config.trackers.get(name)
+    if tracker is None:
+        return _json(404, {"error": "unknown tracker"})
+    source = client_ip(request, config.settings.server.trusted_proxies)
+    if tracker.allow_ips and not _ip_in(source, tracker.allow_ips):
+        metrics.postbacks.labels(name, "forbidden").inc()
+        log.warning("postback refused", tracker=name, source=source, why="source address not in allow_ips")
+        return _json(403, {"error": "source address not allowed"})
+    try:
+        params = await read_params(request)
+    except BadParameter as exc:
+        metrics.postbacks.labels(name, "rejected").inc()
+        return _json(400, {"error": str(exc)})
+    if not _key_ok(tracker, params.get("key")):
+        metrics.postbacks.labels(name, "forbidden").inc()
+        log.warning("postback refused", tracker=name, source=source, why="wrong or missing key")
+        return _json(403, {"error": "wrong or missing key"})
+    try:
+        conversion = build_conversion(
+            tracker, params, time.time(), config.settings.matching.default_phone_region
+        )
+    except BadParameter as exc:
+        metrics.postbacks.labels(name, "rejected").inc()
+        log.info("postback rejected", tracker=name, why=str(exc))
+        return _json(400, {"error": str(exc)})
+    try:
+        ingested = await runtime.store.add_conversion(conversion)
+    except StoreUnavailable as exc:
+        metrics.postbacks.labels(name, "unavailable").inc()
+        log.error("postback not stored", tracker=name, click_id=conversion.click_id, why=str(exc))
+        return _json(503, {"error": "temporarily unavailable, retry later"})
+    for field_name in conversion.dropped:
+        metrics.dropped_identifiers.labels(field_name).inc()
+    metrics.postbacks.labels(name, ingested.result).inc()
+    log.info(
+        "postback",
+        tracker=name,
+        click_id=conversion.click_id,
+        status=conversion.status,
+        tiktok_event=conversion.event,
+        event_id=ingested.event_id,
+        result=ingested.result,
+        conversion_id=ingested.conversion_id,
+        reason=conversion.ignored_reason,
+        dropped=list(conversion.dropped) or None,
+    )
+    if ingested.result == "accepted":
+        return _json(
+            200,
+            {
+                "result": "accepted",
+                "conversion_id": ingested.conversion_id,
+                "event": conversion.event,
+                "event_id": ingested.event_id,
+            },
+        )
+    if ingested.result == "duplicate":
+        return _json(200, {"result": "duplicate", "conversion_id": ingested.conversion_id})
+    return _json(200, {"result": "ignored", "reason": conversion.ignored_reason})
+
+
+class ClickLimiter:
+    """Registrations per source address per minute; a fixed window keeps memory bounded."""
+
+    def __init__(self) -> None:
+        self._window = 0
+        self._counts: dict[str, int] = {}
+
+    def allow(self, address: str, limit: int, now: float) -> bool:
+        if limit <= 0:
+            return True
+        window = int(now // 60)
+        if window != self._window:
+            self._window = window
+            self._counts.clear()
+        count = self._counts.get(address, 0) + 1
+        self._counts[address] = count
+        return count <= limit
+
+
+CLICK_LIMITER = web.AppKey("click_limiter", ClickLimiter)
+
+
+async def click(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    settings = runtime.config.settings
+    metrics = runtime.metrics
+    ip = client_ip(request, settings.server.trusted_proxies)
+    if not request.app[CLICK_LIMITER].allow(ip or "", settings.server.click_limit_per_minute, time.time()):
+        metrics.clicks.labels("rate_limited").inc()
+        return web.Response(status=429, text="too many click registrations\n", headers=CORS_HEADERS)
+    try:
+        params = await read_params(request)
+        registration = build_click(
+            params, ip, request.headers.get("User-Agent"), settings.matching.default_phone_region
+        )
+    except BadParameter as exc:
+        metrics.clicks.labels("rejected").inc()
+        return web.Response(
+            status=400,
+            body=json.dumps({"error": str(exc)}).encode(),
+            content_type="application/json",
+            headers=CORS_HEADERS,
+        )
+    try:
+        await runtime.store.add_click(registration)
+    except StoreUnavailable as exc:
+        metrics.clicks.labels("unavailable").inc()
+        log.error("click not stored", why=str(exc))
+        return web.Response(status=503, text="temporarily unavailable\n", headers=CORS_HEADERS)
+    metrics.clicks.labels("registered").inc()
+    return web.Response(status=204, headers=CORS_HEADERS)
+
+
+async def click_preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers=CORS_HEADERS)
+
+
+_SNIPPET: bytes | None = None
+
+
+async def snippet(request: web.Request) -> web.Response:
+    global _SNIPPET
+    if _SNIPPET is None:
+        _SNIPPET = resources.files("bridge").joinpath("static/bridge.js").read_bytes()
+    return web.Response(
+        body=_SNIPPET,
+        content_type="application/javascript",
+        charset="utf-8",
+        headers={"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"},
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+def _operator_only(request: web.Request) -> web.Response | None:
+    """/readyz and /metrics: loopback (or server.metrics_allow_ips) or the bearer token."""
+    server = request.app[RUNTIME].config.settings.server
+    if server.metrics_token:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if hmac.compare_digest(given.encode("utf-8", "replace"), server.metrics_token.encode()):
+            return None
+    if _ip_in(request.remote, server.metrics_allow_ips):
+        return None
+    return web.Response(status=403, text="forbidden\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if (refused := _operator_only(request)) is not None:
+        return refused
+    runtime = request.app[RUNTIME]
+    if not runtime.worker_running:
+        return web.Response(status=503, text="not ready: delivery worker is not running\n")
+    problem = await runtime.store.writable()
+    if problem is not None:
+        return web.Response(status=503, text=f"not ready: {problem}\n")
+    return web.Response(text="ready\n")
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    if (refused := _operator_only(request)) is not None:
+        return refused
+    runtime = request.app[RUNTIME]
+    from bridge.stats import refresh_gauges
+
+    await refresh_gauges(runtime)
+    return web.Response(body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """No input may produce a traceback or a 5xx other than 503: answer 400/413 for what the client sent."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return _json(413, {"error": f"request body larger than {MAX_BODY} bytes"})
+        raise
+    except BadParameter as exc:
+        return _json(400, {"error": str(exc)})
+    except StoreUnavailable:
+        return _json(503, {"error": "temporarily unavailable, retry later"})
+
+
+def create_app(runtime: Runtime) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app[RUNTIME] = runtime
+    app[CLICK_LIMITER] = ClickLimiter()
+    app.router.add_route("GET", "/postback/{tracker}", postback)
+    app.router.add_route("POST", "/postback/{tracker}", postback)
+    app.router.add_route("GET", "/click", click)
+    app.router.add_route("POST", "/click", click)
+    app.router.add_route("OPTIONS", "/click", click_preflight)
+    app.router.add_route("GET", "/bridge.js", snippet)
+    app.router.add_route("GET", "/healthz", healthz)
+    app.router.add_route("GET", "/readyz", readyz)
+    app.router.add_route("GET", "/metrics", metrics_view)
+    return app
