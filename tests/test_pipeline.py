@@ -1,0 +1,277 @@
+"""End to end: tracker postbacks -> SQLite -> the (fake) TikTok Events API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import MAIN_CODE, SECOND_CODE, Bridge
+
+KEITARO_SALE = {
+    "subid": "1dad2cg1br22spja1",
+    "external_id": "E.C.P.CqgBqkM2fX",
+    "status": "sale",
+    "revenue": "45",
+    "currency": "usd",
+    "tid": "78124",
+    "ip": "177.12.34.56",
+    "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)",
+}
+
+
+async def test_keitaro_sale_is_accepted_and_delivered_with_its_event_id(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", **KEITARO_SALE)
+
+    assert status == 200
+    assert body == {
+        "result": "accepted",
+        "conversion_id": body["conversion_id"],
+        "event": "Purchase",
+        "event_id": "1dad2cg1br22spja1_Purchase",
+    }
+    await bridge.deliver()
+    [event] = bridge.fake.received
+    assert event["event"] == "Purchase"
+    assert event["event_id"] == "1dad2cg1br22spja1_Purchase"
+    assert event["_pixel"] == MAIN_CODE
+    assert event["user"] == {
+        "ttclid": "E.C.P.CqgBqkM2fX",
+        "ip": "177.12.34.56",
+        "user_agent": KEITARO_SALE["user_agent"],
+    }
+    assert event["properties"] == {"value": 45, "currency": "USD"}
+    row = await bridge.row(body["conversion_id"])
+    assert row["state"] == "delivered"
+    assert row["request_id"] == event["_request_id"]
+
+
+async def test_accepted_means_committed_to_disk(bridge: Bridge) -> None:
+    import sqlite3
+
+    _, body = await bridge.postback("keitaro", **KEITARO_SALE)
+    # A separate connection sees the row as soon as the answer is out: it was committed first.
+    db = sqlite3.connect(bridge.config.db_path)
+    try:
+        state = db.execute("SELECT state FROM conversions WHERE id = ?", (body["conversion_id"],)).fetchone()
+    finally:
+        db.close()
+    assert state == ("pending",)
+
+
+async def test_event_time_is_in_seconds(bridge: Bridge) -> None:
+    await bridge.postback("keitaro", **KEITARO_SALE)
+    await bridge.deliver()
+    [event] = bridge.fake.received
+    assert 1_000_000_000 < event["event_time"] < 10_000_000_000
+
+
+async def test_repeated_postback_is_a_duplicate_and_sent_once(bridge: Bridge) -> None:
+    _, first = await bridge.postback("keitaro", **KEITARO_SALE)
+    status, second = await bridge.postback("keitaro", **KEITARO_SALE)
+    await bridge.deliver()
+    _, third = await bridge.postback("keitaro", **KEITARO_SALE)
+    await bridge.deliver()
+
+    assert status == 200
+    assert second == {"result": "duplicate", "conversion_id": first["conversion_id"]}
+    assert third == {"result": "duplicate", "conversion_id": first["conversion_id"]}
+    assert bridge.fake.event_ids() == ["1dad2cg1br22spja1_Purchase"]
+
+
+async def test_lead_then_sale_then_rejected_for_one_click(bridge: Bridge) -> None:
+    click = {"subid": "click42", "external_id": "E.C.P.lead", "tid": "t1"}
+    _, lead = await bridge.postback("keitaro", status="lead", **click)
+    _, sale = await bridge.postback("keitaro", status="sale", revenue="30", **click)
+    _, rejected = await bridge.postback("keitaro", status="rejected", **click)
+    await bridge.deliver()
+
+    assert lead["result"] == "accepted" and lead["event"] == "Lead"
+    assert sale["result"] == "accepted" and sale["event"] == "Purchase"
+    assert rejected == {"result": "ignored", "reason": "status_not_sent"}
+    assert sorted(bridge.fake.event_ids()) == ["click42_Lead", "click42_Purchase"]
+    assert await bridge.states() == {"delivered": 2, "ignored": 1}
+
+
+async def test_rebill_with_new_transaction_id_gets_its_own_event_id(bridge: Bridge) -> None:
+    base = {"subid": "sub9", "external_id": "E.C.P.r", "revenue": "10"}
+    _, sale = await bridge.postback("keitaro", status="sale", tid="T1", **base)
+    _, rebill = await bridge.postback("keitaro", status="rebill", tid="T2", **base)
+    _, again = await bridge.postback("keitaro", status="rebill", tid="T2", **base)
+    await bridge.deliver()
+
+    assert sale["event_id"] == "sub9_Purchase"
+    assert rebill["result"] == "accepted"
+    assert rebill["event_id"] == "sub9_Purchase_T2"
+    assert again == {"result": "duplicate", "conversion_id": rebill["conversion_id"]}
+    assert sorted(bridge.fake.event_ids()) == ["sub9_Purchase", "sub9_Purchase_T2"]
+
+
+async def test_unmapped_status_is_recorded_as_ignored(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", subid="c1", status="trash")
+    await bridge.deliver()
+
+    assert (status, body) == (200, {"result": "ignored", "reason": "unmapped_status"})
+    rows = await bridge.store.fetchall("SELECT state, reason, status FROM conversions")
+    assert [tuple(r) for r in rows] == [("ignored", "unmapped_status", "trash")]
+    assert bridge.fake.requests == []
+
+
+async def test_upper_case_status_matches_case_insensitively(bridge: Bridge) -> None:
+    _, body = await bridge.postback("keitaro", subid="c2", external_id="E.C.P.u", status="SALE")
+    assert body["result"] == "accepted"
+    assert body["event"] == "Purchase"
+
+
+async def test_post_form_body(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", method="POST", **KEITARO_SALE)
+    assert status == 200 and body["result"] == "accepted"
+    await bridge.deliver()
+    assert bridge.fake.event_ids() == ["1dad2cg1br22spja1_Purchase"]
+
+
+async def test_post_json_body(bridge: Bridge) -> None:
+    payload: dict[str, Any] = {**KEITARO_SALE, "revenue": 45.5}
+    resp = await bridge.client.post("/postback/keitaro", json=payload)
+    body = await resp.json()
+    assert resp.status == 200 and body["result"] == "accepted"
+    await bridge.deliver()
+    assert bridge.fake.received[0]["properties"] == {"value": 45.5, "currency": "USD"}
+
+
+async def test_value_formats_and_lowercase_currency(bridge: Bridge) -> None:
+    for i, revenue in enumerate(["45", "45.00", "45,50"]):
+        await bridge.postback(
+            "keitaro", subid=f"v{i}", external_id="E.C.P.v", status="sale", revenue=revenue, currency="eur"
+        )
+    await bridge.deliver()
+    values = sorted((e["properties"]["value"], e["properties"]["currency"]) for e in bridge.fake.received)
+    assert values == [(45, "EUR"), (45, "EUR"), (45.5, "EUR")]
+
+
+async def test_binom_postback_format(bridge: Bridge) -> None:
+    _, body = await bridge.postback(
+        "binom",
+        clickid="81e60haa86o0b7",
+        externalid="E.C.P.CqgBqkM2fX",
+        status="approved",
+        payout="12.5",
+        currency="USD",
+        ip="177.12.34.56",
+    )
+    await bridge.deliver()
+    assert body["result"] == "accepted" and body["event"] == "Purchase"
+    [event] = bridge.fake.received
+    assert event["event_id"] == "81e60haa86o0b7_Purchase"
+    assert event["user"]["ttclid"] == "E.C.P.CqgBqkM2fX"
+    assert event["properties"] == {"value": 12.5, "currency": "USD"}
+
+
+async def test_binom_mixed_case_approved(bridge: Bridge) -> None:
+    _, body = await bridge.postback(
+        "binom", clickid="b2", externalid="E.C.P.b", status="Approved", payout="1"
+    )
+    assert body["result"] == "accepted"
+
+
+async def test_bemob_postback_uses_ttclid_as_click_id(bridge: Bridge) -> None:
+    _, body = await bridge.postback("bemob", externalid="E.C.P.CqgBqkM2fX", payout="30", status="confirm")
+    await bridge.deliver()
+    assert body["event_id"] == "E.C.P.CqgBqkM2fX_Purchase"
+    [event] = bridge.fake.received
+    assert event["user"] == {"ttclid": "E.C.P.CqgBqkM2fX"}
+    assert event["properties"] == {"value": 30, "currency": "USD"}
+
+
+async def test_bemob_decline_is_not_sent(bridge: Bridge) -> None:
+    _, body = await bridge.postback("bemob", externalid="E.C.P.x", payout="0", status="decline")
+    assert body == {"result": "ignored", "reason": "status_not_sent"}
+
+
+async def test_click_enriches_the_conversion(bridge: Bridge) -> None:
+    ua = "Mozilla/5.0 (Linux; Android 14)"
+    assert (
+        await bridge.click(
+            click_id="k1",
+            ttclid="E.C.P.fromclick",
+            ttp="ttp-cookie-1",
+            url="https://lp.example/offer",
+            headers={"User-Agent": ua},
+        )
+        == 204
+    )
+    await bridge.postback("keitaro", subid="k1", status="lead")
+    await bridge.deliver()
+
+    [event] = bridge.fake.received
+    assert event["user"] == {
+        "ttclid": "E.C.P.fromclick",
+        "ttp": "ttp-cookie-1",
+        "ip": "127.0.0.1",
+        "user_agent": ua,
+    }
+    assert event["page"] == {"url": "https://lp.example/offer"}
+
+
+async def test_postback_values_win_over_the_click(bridge: Bridge) -> None:
+    await bridge.click(click_id="k2", ttclid="E.C.P.click", ttp="ttp-2")
+    await bridge.postback("keitaro", subid="k2", status="lead", external_id="E.C.P.postback")
+    await bridge.deliver()
+    [event] = bridge.fake.received
+    assert event["user"]["ttclid"] == "E.C.P.postback"
+    assert event["user"]["ttp"] == "ttp-2"
+
+
+async def test_click_registered_after_the_postback_still_enriches_before_first_send(bridge: Bridge) -> None:
+    await bridge.postback("keitaro", subid="late", status="lead")
+    await bridge.click(click_id="late", ttclid="E.C.P.late")
+    await bridge.deliver()
+    [event] = bridge.fake.received
+    assert event["user"]["ttclid"] == "E.C.P.late"
+
+
+async def test_events_are_batched_per_pixel(bridge: Bridge) -> None:
+    for i in range(5):
+        await bridge.click(click_id=f"m{i}", ttclid=f"E.C.P.m{i}")
+        await bridge.postback("keitaro", subid=f"m{i}", status="lead")
+    for i in range(3):
+        await bridge.click(click_id=f"s{i}", ttclid=f"E.C.P.s{i}", pixel=SECOND_CODE)
+        await bridge.postback("keitaro", subid=f"s{i}", status="lead")
+    await bridge.deliver()
+
+    by_pixel = sorted((r.pixel, len(r.event_ids)) for r in bridge.fake.requests)
+    assert by_pixel == [(MAIN_CODE, 5), (SECOND_CODE, 3)]
+    assert len(bridge.fake.received) == 8
+
+
+async def test_batches_never_exceed_batch_size(make_bridge: Any) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(batch_size=3))
+    for i in range(7):
+        await bridge.postback("keitaro", subid=f"b{i}", external_id="E.C.P.b", status="lead")
+    await bridge.deliver()
+    assert sorted(len(r.event_ids) for r in bridge.fake.requests) == [1, 3, 3]
+    assert len(set(bridge.fake.event_ids())) == 7
+
+
+async def test_dry_run_marks_delivered_dry_run_and_sends_nothing(make_bridge: Any) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(dry_run=True))
+    _, body = await bridge.postback("keitaro", **KEITARO_SALE)
+    await bridge.deliver()
+    assert (await bridge.row(body["conversion_id"]))["state"] == "delivered_dry_run"
+    assert bridge.fake.requests == []
+
+
+async def test_unknown_tracker_is_404(bridge: Bridge) -> None:
+    status, body = await bridge.postback("nosuch", subid="x", status="sale")
+    assert status == 404
+    assert body == {"error": "unknown tracker"}
+
+
+async def test_missing_click_id_is_400_naming_it_and_stores_nothing(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", status="sale")
+    assert status == 400
+    assert "click_id" in body["error"] and "subid" in body["error"]
+    assert await bridge.states() == {}
+
+
+async def test_healthz(bridge: Bridge) -> None:
+    resp = await bridge.client.get("/healthz")
+    assert resp.status == 200
