@@ -1,0 +1,185 @@
+"""`check-config` and `explain`: what an admin sees before pasting a postback URL into a tracker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.cli import main
+from bridge.matching import sha256_hex
+from tests.conftest import MAIN_CODE, REPO, SECOND_CODE, base_settings, write_config
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    return write_config(tmp_path, base_settings())
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_shipped_config_passes_check_config() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", "-c", str(REPO / "config" / "bridge.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 tracker(s) (bemob, binom, keitaro)" in result.stdout
+    assert "dry run" in result.stdout
+
+
+def test_check_config_names_file_key_and_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = base_settings()
+    settings["tiktok"]["batch_size"] = 5000
+    settings["tiktok"]["dry_rum"] = True
+    path = write_config(tmp_path, settings)
+
+    code, _, err = run_cli(capsys, "check-config", "-c", str(path))
+
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert any(f"{path}: tiktok.batch_size:" in line and "1000" in line for line in lines)
+    assert any(f"{path}: tiktok.dry_rum: unknown key" in line for line in lines)
+    assert "Traceback" not in err
+
+
+def test_check_config_warns_about_a_misspelt_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tracker = {"name": "net", "params": {"click_id": "cid", "status": "st"}, "events": {"sale": "Purchse"}}
+    path = write_config(tmp_path, base_settings(), {"net": tracker})
+
+    code, _, err = run_cli(capsys, "check-config", "-c", str(path))
+
+    assert code == 0
+    assert "events.sale: 'Purchse' is not a TikTok standard event" in err
+
+
+def test_unset_variable_is_an_error_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = base_settings()
+    settings["pixels"]["main"]["access_token"] = "${NO_SUCH_TOKEN_VAR}"
+    path = write_config(tmp_path, settings)
+
+    code, _, err = run_cli(capsys, "check-config", "-c", str(path))
+
+    assert code == 2
+    assert "pixels.main.access_token: environment variable NO_SUCH_TOKEN_VAR is not set" in err
+
+
+def test_variable_default_is_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = base_settings()
+    settings["pixels"]["main"]["access_token"] = "${NO_SUCH_TOKEN_VAR:-fallback-token}"
+    path = write_config(tmp_path, settings)
+    assert run_cli(capsys, "check-config", "-c", str(path))[0] == 0
+
+
+def explain(capsys: pytest.CaptureFixture[str], config: Path, url: str) -> tuple[int, dict[str, Any]]:
+    code, out, _ = run_cli(capsys, "explain", "-c", str(config), url)
+    return code, json.loads(out)
+
+
+def test_explain_shows_the_event_that_would_be_sent(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, result = explain(
+        capsys,
+        config_path,
+        "/postback/keitaro?subid=abc&external_id=E.C.P.x&status=Sale&revenue=45&currency=usd&tid=9&ip=1.2.3.4",
+    )
+    assert code == 0
+    assert result["result"] == "accepted"
+    assert result["pixel"] == "main" and result["pixel_code"] == MAIN_CODE
+    assert result["event"]["event"] == "Purchase"
+    assert result["event"]["event_id"] == "abc_Purchase"
+    assert result["event"]["user"] == {"ttclid": "E.C.P.x", "ip": "1.2.3.4"}
+    assert result["event"]["properties"] == {"value": 45.0, "currency": "USD"}
+
+
+def test_explain_hashes_identifiers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tracker = {
+        "name": "net",
+        "params": {"click_id": "cid", "status": "st", "email": "em"},
+        "events": {"ok": "Lead"},
+    }
+    path = write_config(tmp_path, base_settings(), {"net": tracker})
+    code, out, _ = run_cli(
+        capsys, "explain", "-c", str(path), "/postback/net?cid=1&st=ok&em=Alice@Example.com"
+    )
+    assert code == 0
+    assert "Alice@Example.com" not in out and "alice@example.com" not in out
+    assert json.loads(out)["event"]["user"]["email"] == [sha256_hex("alice@example.com")]
+
+
+def test_explain_says_why_a_status_is_ignored(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, result = explain(capsys, config_path, "/postback/keitaro?subid=abc&status=trash")
+    assert code == 0
+    assert result == {"result": "ignored", "reason": "unmapped_status", "status_value": "trash"}
+
+
+def test_explain_says_why_a_postback_is_rejected(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, result = explain(capsys, config_path, "/postback/keitaro?subid={subid}&status=sale")
+    assert code == 1
+    assert result["status"] == 400
+    assert "unsubstituted macro" in result["why"]
+
+
+def test_explain_checks_the_key_without_showing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tracker = {
+        "name": "net",
+        "key": "s3cret-key",
+        "params": {"click_id": "cid", "status": "st"},
+        "events": {"ok": "Lead"},
+    }
+    path = write_config(tmp_path, base_settings(), {"net": tracker})
+
+    code, out, err = run_cli(capsys, "explain", "-c", str(path), "/postback/net?cid=1&st=ok&key=wrong")
+    assert code == 1
+    assert json.loads(out)["status"] == 403
+    assert "s3cret-key" not in out + err
+
+    code, out, _ = run_cli(capsys, "explain", "-c", str(path), "/postback/net?cid=1&st=ok&key=s3cret-key")
+    assert code == 0 and json.loads(out)["result"] == "accepted"
+
+
+def test_explain_unknown_tracker(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, result = explain(capsys, config_path, "http://bridge.example.com/postback/nope?x=1")
+    assert code == 1
+    assert result["status"] == 404
+    assert "bemob, binom, keitaro" in result["why"]
+
+
+async def test_explain_reads_the_click_from_the_database(
+    bridge: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await bridge.click(click_id="stored1", ttclid="E.C.P.stored", pixel=SECOND_CODE)
+    code, out, _ = await asyncio.to_thread(
+        run_cli,
+        capsys,
+        "explain",
+        "-c",
+        str(bridge.config.path),
+        "/postback/keitaro?subid=stored1&status=lead",
+    )
+    result = json.loads(out)
+    assert code == 0
+    assert result["click_found"] is True
+    assert result["pixel"] == "second"
+    assert result["event"]["user"]["ttclid"] == "E.C.P.stored"
