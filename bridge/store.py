@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -330,10 +331,12 @@ class Store:
                     results = await self._insert_conversions(conversions, batch, now) if conversions else {}
                     await db.execute("COMMIT")
                 except BaseException:
-                    if db.in_transaction:
-                        await db.execute("ROLLBACK")
+                    # A failed ROLLBACK (disk gone) must not hide the first error or kill the writer.
+                    with contextlib.suppress(sqlite3.Error):
+                        if db.in_transaction:
+                            await db.execute("ROLLBACK")
                     raise
-        except (sqlite3.Error, StoreUnavailable, ValueError) as exc:
+        except Exception as exc:  # the writer must survive anything: every waiter gets its answer
             error = StoreUnavailable(f"could not commit: {exc}")
             for _, fut in work:
                 if not fut.done():
