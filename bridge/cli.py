@@ -35,8 +35,8 @@ async def _open_store(config: Config) -> Store:
         raise CommandError(f"no database at {config.db_path} yet (storage.path); has the daemon run?")
     try:
         return await Store(config.db_path).open()
-    except Exception as exc:
-        raise CommandError(f"cannot open {config.db_path}: {exc}") from None
+    except StoreUnavailable as exc:
+        raise CommandError(str(exc)) from None
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -205,18 +205,29 @@ def cmd_failed(args: argparse.Namespace) -> int:
                             f"[{item['last_code']}] {item['last_error']}"
                         )
                 return 0
-            if not args.all and not args.ids:
-                raise CommandError("failed retry: give conversion IDs or --all")
+            if args.all == bool(args.ids):
+                raise CommandError("failed retry: give conversion IDs or --all (not both)")
             if args.all:
                 count = await store.requeue_failed(None, time.time())
             else:
-                count = await store.requeue_failed(args.ids, time.time())
-                if count != len(set(args.ids)):
-                    print(
-                        f"requeued {count} of {len(set(args.ids))}: the others are not in state failed",
-                        file=sys.stderr,
+                ids = sorted(set(args.ids))
+                marks = ",".join("?" * len(ids))
+                states = {
+                    row["id"]: row["state"]
+                    for row in await store.fetchall(
+                        f"SELECT id, state FROM conversions WHERE id IN ({marks})",  # noqa: S608
+                        ids,
                     )
-                    return 1
+                }
+                wrong = [
+                    f"{i} does not exist" if i not in states else f"{i} is {states[i]}"
+                    for i in ids
+                    if states.get(i) != "failed"
+                ]
+                if wrong:
+                    # All or nothing: a mistyped id must not leave the operator guessing what was done.
+                    raise CommandError(f"failed retry: nothing requeued: {', '.join(wrong)}, not failed")
+                count = await store.requeue_failed(ids, time.time())
             print(f"requeued {count} event(s); the running daemon sends them within a second")
             return 0
         finally:

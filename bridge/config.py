@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import phonenumbers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONFIG_PATH = "config/bridge.yaml"
 CONFIG_ENV = "POSTBACK_BRIDGE_CONFIG"
@@ -116,7 +116,7 @@ class StorageConfig(_Model):
 class TikTokConfig(_Model):
     endpoint: str = "https://business-api.tiktok.com/open_api/v1.3/event/track/"
     dry_run: bool = False
-    timeout: float = Field(10.0, gt=0, le=300)
+    timeout: float = Field(10.0, gt=0, le=300, allow_inf_nan=False)
     batch_size: int = Field(500, ge=1, le=1000)
     partner_name: str = "postback-bridge"
 
@@ -148,12 +148,12 @@ class MatchingConfig(_Model):
 
 class DeliveryConfig(_Model):
     max_attempts: int = Field(20, ge=1, le=1000)
-    max_event_age: float = Field(604800, gt=0)
+    max_event_age: float = Field(604800, gt=0, allow_inf_nan=False)
 
 
 class RetentionConfig(_Model):
-    clicks: float = Field(2592000, gt=0)
-    finished_conversions: float = Field(7776000, gt=0)
+    clicks: float = Field(2592000, gt=0, allow_inf_nan=False)
+    finished_conversions: float = Field(7776000, gt=0, allow_inf_nan=False)
 
 
 class Settings(_Model):
@@ -167,21 +167,9 @@ class Settings(_Model):
     trackers_dir: str = "trackers"
     retention: RetentionConfig = RetentionConfig()
 
-    @model_validator(mode="after")
-    def _pixels(self) -> Settings:
-        if _pixel_name(self.pixels, self.default_pixel) is None:
-            raise ValueError(f"default_pixel {self.default_pixel!r} is not one of pixels")
-        if not self.tiktok.dry_run:
-            for name, pixel in self.pixels.items():
-                if not pixel.access_token:
-                    raise ValueError(
-                        f"pixels.{name}.access_token is empty (allowed only with tiktok.dry_run)"
-                    )
-        return self
-
 
 class EventRoute(_Model):
-    event: str | None
+    event: str | None = Field(min_length=1)  # null: record, never send; "" is a mistake
     pixel: str | None = None
 
 
@@ -190,7 +178,8 @@ class TrackerConfig(_Model):
     key: str = ""
     allow_ips: list[Network] = []
     pixel: str | None = None
-    params: dict[str, str] = {}
+    # Validated when left out too: a tracker without a click_id mapping can match nothing.
+    params: dict[str, str] = Field(default_factory=dict, validate_default=True)
     events: dict[str, EventRoute] = {}
     default_currency: str = "USD"
     event_id: str = "{click_id}_{event}"
@@ -212,6 +201,9 @@ class TrackerConfig(_Model):
             raise ValueError(f"unknown field {unknown[0]!r}; fields are {', '.join(CANONICAL_FIELDS)}")
         if "click_id" not in value:
             raise ValueError("click_id must be mapped to the tracker's click id parameter")
+        empty = sorted(field for field, name in value.items() if not name)
+        if empty:
+            raise ValueError(f"{empty[0]}: empty parameter name")
         if "key" in value.values():
             raise ValueError("'key' is reserved for the postback key")
         return value
@@ -240,9 +232,13 @@ class TrackerConfig(_Model):
     @classmethod
     def _template(cls, value: str) -> str:
         try:
-            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value)]
         except ValueError as exc:
             raise ValueError(f"not a valid template: {exc}") from None
+        names = {name for name, _, _ in fields if name is not None}
+        if any(spec or conv for name, spec, conv in fields if name is not None):
+            # `{click_id:d}` would fail on every postback; only plain fields are meant.
+            raise ValueError("fields take no format spec or conversion: write {click_id}, not {click_id:...}")
         bad = sorted(names - EVENT_ID_FIELDS)
         if bad:
             raise ValueError(f"unknown field {{{bad[0]}}}; fields are {', '.join(sorted(EVENT_ID_FIELDS))}")
@@ -322,6 +318,28 @@ def expand_env(value: Any, environ: Mapping[str, str], where: str, problems: lis
     return _VAR.sub(sub, value)
 
 
+class _SafeUniqueLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no python/* tags: a config file cannot run code), plus one rule: a key
+    written twice in one mapping is an error, where PyYAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the safe loader's own check names it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, environ: Mapping[str, str], problems: list[str]) -> dict[str, Any] | None:
     try:
         text = path.read_text(encoding="utf-8")
@@ -332,7 +350,7 @@ def _read_yaml(path: Path, environ: Mapping[str, str], problems: list[str]) -> d
         problems.append(f"{path}: not UTF-8 text")
         return None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeUniqueLoader)  # a SafeLoader: safe, never yaml.Loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -373,6 +391,7 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_validation_problems(path, exc)) from None
+    problems.extend(_settings_problems(path, settings))
 
     warnings: list[str] = []
     trackers: dict[str, TrackerConfig] = {}
@@ -400,6 +419,20 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     if problems:
         raise ConfigError(problems)
     return Config(settings=settings, trackers=trackers, path=path, warnings=tuple(warnings))
+
+
+def _settings_problems(path: Path, settings: Settings) -> list[str]:
+    # Checked here rather than in a model validator, whose errors carry no key to name.
+    problems = []
+    if _pixel_name(settings.pixels, settings.default_pixel) is None:
+        problems.append(f"{path}: default_pixel: {settings.default_pixel!r} is not one of pixels")
+    if not settings.tiktok.dry_run:
+        problems.extend(
+            f"{path}: pixels.{name}.access_token: empty (allowed only with tiktok.dry_run: true)"
+            for name, pixel in settings.pixels.items()
+            if not pixel.access_token
+        )
+    return problems
 
 
 def _tracker_pixel_problems(file: Path, tracker: TrackerConfig, settings: Settings) -> list[str]:

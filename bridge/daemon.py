@@ -15,7 +15,7 @@ from bridge.config import Config, ConfigError, load_config
 from bridge.logs import get_logger
 from bridge.runtime import Runtime
 from bridge.sdnotify import Notifier
-from bridge.store import Store
+from bridge.store import Store, StoreUnavailable
 from bridge.web import create_app
 from bridge.worker import Worker
 
@@ -32,6 +32,8 @@ class Daemon:
         self.worker: Worker | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
         self.port: int | None = None
 
     async def run(self) -> None:
@@ -44,7 +46,10 @@ class Daemon:
             )
         for warning in config.warnings:
             log.warning("config", problem=warning)
-        store = await Store(config.db_path).open()
+        try:
+            store = await Store(config.db_path).open()
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(f"storage.path: {exc}") from None
         # Leases left by a crash: those events were maybe sent, maybe not; send them again
         # (TikTok dedupes on event + event_id).
         await store.release_leases()
@@ -61,10 +66,9 @@ class Daemon:
             sockets = runner.addresses
             self.port = sockets[0][1] if sockets else settings.server.port
             worker.start()
+            # Let the worker's task take its first step, so READY=1 means /readyz answers 200.
+            await asyncio.sleep(0)
             self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
-            interval = self.notifier.watchdog_interval()
-            if interval:
-                self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
             self._install_signals()
             log.info(
                 "listening",
@@ -75,6 +79,9 @@ class Daemon:
                 pixels=sorted(settings.pixels),
             )
             self.notifier.ready(status=f"listening on {settings.server.host}:{self.port}")
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                self._tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
             await self._stop.wait()
             self.notifier.stopping()
             log.info("stopping: no new requests; finishing in-flight deliveries")
@@ -100,7 +107,23 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        # The loop keeps only a weak reference to tasks: hold this one until it is done.
+        task = asyncio.create_task(self._reload_once(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_once(self) -> None:
+        # One reload at a time: two quick SIGHUPs must not interleave their swaps and notifications.
+        async with self._reload_lock:
+            try:
+                await self.reload()
+            except Exception as exc:
+                log.exception("reload failed", error=repr(exc))
+                # Without READY=1 systemd would show the unit as reloading for good.
+                self.notifier.reloaded()
 
     async def reload(self) -> bool:
         """Swap in the new config and trackers atomically; keep the old ones if the new are invalid."""
@@ -124,7 +147,7 @@ class Daemon:
             if a != b
         ]
         for name in unchangeable:
-            log.warning("reload: this key takes effect only after a restart", key=name)
+            log.warning("reload: this setting takes effect only after a restart", setting=name)
         changed = [
             name for name, pixel in new.settings.pixels.items() if old.settings.pixels.get(name) != pixel
         ]
@@ -158,8 +181,12 @@ class Daemon:
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: a blocked loop stops the pings and systemd restarts us.
+        # So does a delivery worker that died: the listener alone would acknowledge postbacks that
+        # nothing ever sends.
+        assert self.runtime is not None
         while True:
-            self.notifier.watchdog()
+            if self.runtime.worker_running:
+                self.notifier.watchdog()
             await asyncio.sleep(interval)
 
 

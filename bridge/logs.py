@@ -9,30 +9,82 @@ from typing import Any, TextIO
 
 import structlog
 
-# Keys whose values are never written, whatever a caller passes by mistake.
-SECRET_KEYS = frozenset({"access_token", "token", "key", "postback_key", "email", "phone", "authorization"})
+# Keys whose values are never written, at any depth, whatever a caller passes by mistake.
+SECRET_KEYS = frozenset(
+    {
+        "access_token",
+        "access-token",
+        "token",
+        "metrics_token",
+        "key",
+        "postback_key",
+        "authorization",
+        "password",
+        "secret",
+        "email",
+        "phone",
+    }
+)
+REDACTED = "[redacted]"
+
+# Libraries log through the standard library (aiohttp's "Error handling request", asyncio's "Task
+# exception was never retrieved"); below this level they only chatter.
+LIBRARY_LEVEL = logging.WARNING
+
+
+def _secret(name: object) -> bool:
+    return isinstance(name, str) and name.lower() in SECRET_KEYS
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret(k) else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
 
 
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for name in SECRET_KEYS.intersection(event_dict):
-        event_dict[name] = "[redacted]"
+    for name, value in list(event_dict.items()):
+        if _secret(name):
+            event_dict[name] = REDACTED
+        elif isinstance(value, dict | list | tuple):
+            event_dict[name] = _scrub(value)
     return event_dict
 
 
+def _drop_none(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Call sites pass every field a line can have; the ones that do not apply are left out, not null.
+    for name in [name for name, value in event_dict.items() if value is None]:
+        del event_dict[name]
+    return event_dict
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The standard library's records rendered like ours; a class of its own so configure() can replace it."""
+
+
 def configure(stream: TextIO | None = None, json: bool | None = None, level: int = logging.INFO) -> None:
-    """Set up structlog once per process; `json` defaults to "not a terminal" (journald, files, pipes)."""
+    """Set up logging for the process; `json` defaults to "not a terminal" (journald, files, pipes).
+
+    May be called again (tests do): the new stream and format replace the old ones.
+    """
     stream = stream or sys.stderr
     if json is None:
         json = not stream.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+        _drop_none,
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
+            *shared,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -40,6 +92,23 @@ def configure(stream: TextIO | None = None, json: bool | None = None, level: int
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+    handler = _Handler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(level, LIBRARY_LEVEL))
     # aiohttp's access log is one line per request: a flood under load, and it carries query strings
     # with postback keys. The bridge logs one line per outcome instead.
     logging.getLogger("aiohttp.access").disabled = True

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bridge.config import TrackerConfig
-from bridge.matching import hash_identifiers
+from bridge.matching import hash_identifiers, scrub_url
 
 # Longest value accepted per canonical field; anything longer is a 400 naming the field.
 MAX_LENGTH = {
@@ -32,8 +32,13 @@ MAX_LENGTH = {
     "referrer": 2048,
 }
 
-# A tracker or network that forgot to substitute a macro sends its name: `{subid}`, `{cnv_status}`.
-_MACRO = re.compile(r"^\{[^{}]*\}$|^__[A-Z_]+__$")
+# A tracker or network that forgot to substitute a macro sends its name: `{subid}`, `{{subid}}`,
+# `${SUBID}`, `__CLICKID__`, CAKE's `#s2#`, or `%7Bsubid%7D` when the URL was encoded twice.
+_MACRO = re.compile(
+    r"^(?:\$?\{+[^{}]*\}+|__[A-Z0-9_]+__|#[A-Za-z_][A-Za-z0-9_]*#|%7[Bb][^{}]*%7[Dd])$"
+)
+# Control characters are no part of any id, status, amount or URL: garbage or an injection attempt.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 
 IGNORED_UNMAPPED = "unmapped_status"
@@ -84,6 +89,8 @@ def clean(params: Mapping[str, str], name: str, dropped: list[str] | None = None
         return None
     if len(value) > MAX_LENGTH.get(name, 256):
         raise BadParameter(name, f"longer than {MAX_LENGTH.get(name, 256)} characters")
+    if _CONTROL.search(value):
+        raise BadParameter(name, "contains control characters")
     if _MACRO.match(value):
         if dropped is not None:
             dropped.append(name)
@@ -216,7 +223,7 @@ def build_conversion(
         ttp=clean(params, "ttp", dropped),
         ip=parse_ip(clean(params, "ip", dropped), dropped),
         user_agent=clean(params, "user_agent", dropped),
-        page_url=clean(params, "page_url", dropped),
+        page_url=scrub_url(clean(params, "page_url", dropped)),
         email_hash=hashed.email,
         phone_hash=hashed.phone,
         external_id_hash=hashed.external_id,
@@ -239,6 +246,7 @@ class Click:
     email_hash: str | None = None
     phone_hash: str | None = None
     external_id_hash: str | None = None
+    dropped: tuple[str, ...] = field(default=())  # fields given but unusable, for the metric
 
 
 def build_click(
@@ -251,20 +259,25 @@ def build_click(
     click_id = clean(raw, "click_id")
     if click_id is None:
         raise BadParameter("click_id", "missing")
+    dropped: list[str] = []
     hashed = hash_identifiers(
-        clean(raw, "email"), clean(raw, "phone"), clean(raw, "external_id"), default_phone_region
+        clean(raw, "email", dropped),
+        clean(raw, "phone", dropped),
+        clean(raw, "external_id", dropped),
+        default_phone_region,
     )
     ua = (user_agent or "").strip()[: MAX_LENGTH["user_agent"]] or None
     return Click(
         click_id=click_id,
-        ttclid=clean(raw, "ttclid"),
-        ttp=clean(raw, "ttp"),
+        ttclid=clean(raw, "ttclid", dropped),
+        ttp=clean(raw, "ttp", dropped),
         ip=ip,
         user_agent=ua,
-        pixel=clean(raw, "pixel"),
-        url=clean(raw, "url"),
-        referrer=clean(raw, "referrer"),
+        pixel=clean(raw, "pixel", dropped),
+        url=scrub_url(clean(raw, "url")),
+        referrer=scrub_url(clean(raw, "referrer")),
         email_hash=hashed.email,
         phone_hash=hashed.phone,
         external_id_hash=hashed.external_id,
+        dropped=(*dropped, *hashed.dropped),
     )

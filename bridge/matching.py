@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import unquote_plus
 
 import phonenumbers
 
@@ -132,3 +133,46 @@ def hash_identifiers(
         external_id=attempt("external_id", external_id, hash_external_id),
         dropped=tuple(dropped),
     )
+
+
+# Query parameters named like these carry an email address or a phone number (`?email=`, `user_phone=`).
+_PII_NAME = re.compile(r"e-?mail|phone|^(mail|tel|mobile|msisdn)$", re.IGNORECASE)
+# Deliberately loose: anything@domain.tld counts, since a kept address is worse than a lost parameter.
+_EMAIL_LIKE = re.compile(r"[^\s@]@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+
+
+def _carries_email(text: str) -> bool:
+    # Decoded repeatedly: a URL nested in a parameter is encoded once more (`bob%2540example.com`).
+    for _ in range(3):
+        if _EMAIL_LIKE.search(text):
+            return True
+        decoded = unquote_plus(text)
+        if decoded == text:
+            return False
+        text = decoded
+    return _EMAIL_LIKE.search(text) is not None
+
+
+def scrub_url(url: str | None) -> str | None:
+    """A page URL or referrer fit to store and send: no email address or phone parameter left in it.
+
+    Landing pages pass form fields along in the query (`/thanks?email=...`), so a raw address would
+    otherwise reach the database and TikTok's `page.url` unhashed. Parameters named for an email or
+    phone, or whose value holds an email address, are removed; untouched ones keep their exact
+    encoding. The fragment is dropped (servers never see it, pages keep state in it). A URL that
+    still holds an email address elsewhere (its path) is dropped whole.
+    """
+    if url is None:
+        return None
+    base, _, _ = url.partition("#")
+    path, sep, query = base.partition("?")
+    kept = []
+    for part in query.split("&") if sep else ():
+        name, _, value = part.partition("=")
+        if not part or _PII_NAME.search(unquote_plus(name)) or _carries_email(value):
+            continue
+        kept.append(part)
+    scrubbed = f"{path}?{'&'.join(kept)}" if kept else path
+    if not scrubbed or _carries_email(scrubbed):
+        return None
+    return scrubbed

@@ -36,10 +36,7 @@ class Metrics:
             registry=r,
         )
         self.conversions = Gauge(
-            "bridge_conversions",
-            "Conversions in the database, by state and pixel.",
-            ["state", "pixel"],
-            registry=r,
+            "bridge_conversions", "Conversions in the database, by state.", ["state"], registry=r
         )
         self.attempts = Counter(
             "bridge_delivery_attempts",
@@ -62,6 +59,9 @@ class Metrics:
         self.latency = Histogram(
             "bridge_tiktok_request_seconds", "Events API request latency.", ["pixel"], registry=r
         )
+        # Pending events are counted for the pixel the worker will send them to, as it routes them
+        # (the click's pixel, else the conversion's, else default_pixel); "(unknown)" for a pixel the
+        # config does not have.
         self.queue_depth = Gauge("bridge_queue_depth", "Pending events, by pixel.", ["pixel"], registry=r)
         self.oldest_pending = Gauge(
             "bridge_oldest_pending_seconds",

@@ -53,3 +53,10 @@ class Backoff:
             raise ValueError(f"rand must be within [0, 1), got {rand!r}")
         spread = 1 + self.jitter * (2 * rand - 1)
         return max(0.0, min(self.cap, self.nominal(attempt) * spread))
+
+
+# While a pixel's requests fail transiently (TikTok, or the way to it, is down) the worker probes it
+# with one waiting event at most this far apart, and the first success makes all its waiting events
+# due at once: an outage drains within about a minute of its end, although single events back off
+# up to Backoff.cap, which keeps a long outage from using up their max_attempts.
+RECOVERY_PROBE = Backoff(cap=60.0)

@@ -83,20 +83,49 @@ async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
     return {"totals": totals, "ignored_reasons": ignored, "pixels": by_pixel}
 
 
-async def refresh_gauges(runtime: Runtime) -> None:
-    """Bring the queue and state gauges up to date just before a scrape."""
-    summary = await collect(runtime.store)
+async def refresh_gauges(runtime: Runtime, now: float | None = None) -> None:
+    """Bring the queue, state and pixel gauges up to date just before a scrape.
+
+    Cheap on a large database, since a scraper calls it every few seconds: counts by state come from
+    an index, and only pending rows are read (routed like the worker routes them).
+    """
+    now = time.time() if now is None else now
+    store = runtime.store
+    config = runtime.config
     metrics = runtime.metrics
+    counts = dict.fromkeys(STATES, 0)
+    for row in await store.fetchall("SELECT state, COUNT(*) AS n FROM conversions GROUP BY state"):
+        counts[row["state"]] = row["n"]
+    depth: dict[str, int] = {}
+    oldest: dict[str, float] = {}
+    for row in await store.fetchall(
+        "SELECT COALESCE(NULLIF(k.pixel, ''), NULLIF(c.pixel, '')) AS ref, COUNT(*) AS n, "
+        "MIN(c.received_at) AS oldest FROM conversions c LEFT JOIN clicks k ON k.click_id = c.click_id "
+        "WHERE c.state = 'pending' GROUP BY 1"
+    ):
+        # Pixel refs come from postbacks and clicks: a name the config lacks must not become a label.
+        pixel = config.pixel_name(row["ref"] or config.settings.default_pixel) or "(unknown)"
+        depth[pixel] = depth.get(pixel, 0) + row["n"]
+        oldest[pixel] = max(oldest.get(pixel, 0.0), now - row["oldest"])
+    persisted = {
+        row["pixel"]: bool(row["healthy"])
+        for row in await store.fetchall("SELECT pixel, healthy FROM pixel_status")
+    }
+
     metrics.conversions.clear()
+    for state, n in counts.items():
+        metrics.conversions.labels(state).set(n)
     metrics.queue_depth.clear()
     metrics.oldest_pending.clear()
-    for pixel, entry in summary["pixels"].items():
-        for state, n in entry["states"].items():
-            metrics.conversions.labels(state, pixel).set(n)
-        metrics.queue_depth.labels(pixel).set(entry["states"]["pending"])
-        metrics.oldest_pending.labels(pixel).set(entry["oldest_pending_seconds"] or 0)
-    for pixel, health in runtime.health.items():
-        metrics.pixel_healthy.labels(pixel).set(1 if health.healthy else 0)
+    metrics.pixel_healthy.clear()
+    for pixel in sorted({*config.settings.pixels, *depth}):
+        metrics.queue_depth.labels(pixel).set(depth.get(pixel, 0))
+        metrics.oldest_pending.labels(pixel).set(max(0.0, oldest.get(pixel, 0.0)))
+    for pixel in config.settings.pixels:
+        # What this process saw last; before its first answer, what the previous run recorded.
+        health = runtime.health.get(pixel)
+        healthy = health.healthy if health is not None else persisted.get(pixel, True)
+        metrics.pixel_healthy.labels(pixel).set(1 if healthy else 0)
 
 
 def format_stats(summary: dict[str, Any]) -> str:

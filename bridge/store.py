@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -195,12 +196,61 @@ WHERE true
 ON CONFLICT (tracker, click_id, event, transaction_id) WHERE event IS NOT NULL DO NOTHING
 """  # noqa: S608 -- column names are constants; values are bound
 
+# The same two writes for a whole group at once: its rows reach SQLite as one JSON array bound to one
+# statement, so a group is one step. executemany steps once per row, and every step releases the GIL
+# and then waits for the busy listener to hand it back: commits were slowest exactly when the most
+# requests waited on them. json_each yields rows in array order, so they apply in arrival order.
+# SQLite's JSON cannot carry a NUL character; a group with one takes the row-by-row statements above.
+_CLICKS_UPSERT_JSON = f"""
+INSERT INTO clicks (click_id, {", ".join(CLICK_FIELDS)}, created_at, updated_at)
+SELECT {", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(CLICK_FIELDS) + 1))}, :now, :now
+FROM json_each(:rows) WHERE true ORDER BY key
+ON CONFLICT (click_id) DO UPDATE SET
+    {", ".join(f"{f} = COALESCE(NULLIF(clicks.{f}, ''), excluded.{f})" for f in CLICK_FIELDS)},
+    updated_at = excluded.updated_at
+"""  # noqa: S608 -- column names are constants; values are bound
+# One JSON array per conversion, in this order.
+_CONVERSION_ROW = (*_CONVERSION_FIELDS, "event_id", "state", "reason")
+# SQLite reads all of a statement's rows before inserting any when the SELECT reads the table it
+# inserts into, so this EXISTS does not see rows of the same statement: _rounds() never puts two
+# conversions of one tracker, click and event into one statement.
+_CONVERSIONS_INSERT_JSON = f"""
+INSERT INTO conversions ({", ".join(_CONVERSION_FIELDS)}, event_id, state, reason, next_attempt_at,
+                         received_at, finished_at, ingest_batch)
+SELECT {", ".join(f"r.{f}" for f in _CONVERSION_FIELDS)},
+    CASE WHEN r.event IS NOT NULL AND r.transaction_id <> '' AND EXISTS (
+            SELECT 1 FROM conversions c
+            WHERE c.tracker = r.tracker AND c.click_id = r.click_id AND c.event = r.event
+              AND c.transaction_id <> r.transaction_id)
+         THEN r.event_id || '_' || r.transaction_id
+         ELSE r.event_id END,
+    r.state, r.reason,
+    CASE WHEN r.state = 'pending' THEN :now END, :now, CASE WHEN r.state <> 'pending' THEN :now END, :batch
+FROM (SELECT {", ".join(f"json_extract(value, '$[{i}]') AS {f}" for i, f in enumerate(_CONVERSION_ROW))}
+      FROM json_each(:rows) ORDER BY key) AS r
+WHERE true
+ON CONFLICT (tracker, click_id, event, transaction_id) WHERE event IS NOT NULL DO NOTHING
+"""  # noqa: S608 -- column names are constants; values are bound
+# What the group inserted, and what its duplicates already were, each as one JSON row, not a step per row.
+_INSERTED = """
+SELECT json_group_array(json_array(id, tracker, click_id, event, transaction_id, event_id))
+FROM conversions WHERE ingest_batch = ? AND event IS NOT NULL
+"""
+_EXISTING = """
+SELECT json_group_array(json_array(c.tracker, c.click_id, c.event, c.transaction_id, c.id, c.event_id))
+FROM json_each(?) AS k CROSS JOIN conversions AS c
+WHERE c.tracker = json_extract(k.value, '$[0]') AND c.click_id = json_extract(k.value, '$[1]')
+  AND c.event = json_extract(k.value, '$[2]') AND c.transaction_id = json_extract(k.value, '$[3]')
+"""
+
 
 class Store:
     """One SQLite file. Writes go through one connection; ingest writes are group-committed."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
+        # How long a write waits for a lock another process holds before it is refused (503).
+        self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -213,15 +263,27 @@ class Store:
     # -- lifetime ---------------------------------------------------------------------------------
 
     async def open(self) -> Store:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA busy_timeout = 5000")
-        await self._db.execute("PRAGMA journal_mode = WAL")
-        # FULL: an acknowledged conversion survives power loss, not only a process crash.
-        await self._db.execute("PRAGMA synchronous = FULL")
-        await self._db.execute("PRAGMA foreign_keys = ON")
-        await self._migrate()
-        self._batch = await self._scalar("SELECT COALESCE(MAX(ingest_batch), 0) FROM conversions")
+        """Open (creating it and its directory if needed) and migrate; StoreUnavailable says why not."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Tried with the plain driver first: a failed aiosqlite connect leaves its thread to report
+            # to an event loop that may be closed by then, a traceback at exit instead of one line.
+            await asyncio.to_thread(lambda: sqlite3.connect(self.path).close())
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            # FULL: an acknowledged conversion survives power loss, not only a process crash.
+            await self._db.execute("PRAGMA synchronous = FULL")
+            await self._db.execute("PRAGMA foreign_keys = ON")
+            await self._migrate()
+            self._batch = await self._scalar("SELECT COALESCE(MAX(ingest_batch), 0) FROM conversions")
+        except (OSError, sqlite3.Error, StoreUnavailable) as exc:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
+            if isinstance(exc, StoreUnavailable):
+                raise
+            raise StoreUnavailable(f"cannot open the database {self.path}: {exc}") from None
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
         return self
 
@@ -277,8 +339,17 @@ class Store:
             return "database is closed"
         try:
             async with self._lock:
-                await self.db.execute("BEGIN IMMEDIATE")
-                await self.db.execute("ROLLBACK")
+                db = self.db
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    # A real write, committed: taking the lock alone would pass on a full disk.
+                    await db.execute("UPDATE schema_version SET version = version")
+                    await db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        if db.in_transaction:
+                            await db.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as exc:
             return f"database is not writable: {exc}"
         return None
@@ -327,7 +398,7 @@ class Store:
                 await db.execute("BEGIN IMMEDIATE")
                 try:
                     if clicks:
-                        await db.executemany(_CLICK_UPSERT, [_click_row(c, now) for c in clicks])
+                        await self._upsert_clicks(clicks, now)
                     results = await self._insert_conversions(conversions, batch, now) if conversions else {}
                     await db.execute("COMMIT")
                 except BaseException:
@@ -349,9 +420,56 @@ class Store:
         if any(r.result == "accepted" for r in results.values()):
             self.committed.set()
 
+    async def _upsert_clicks(self, clicks: list[Click], now: float) -> None:
+        text = _json_rows([[c.click_id, *(getattr(c, f) for f in CLICK_FIELDS)] for c in clicks])
+        if text is None:
+            await self.db.executemany(_CLICK_UPSERT, [_click_row(c, now) for c in clicks])
+        else:
+            await self.db.execute(_CLICKS_UPSERT_JSON, {"rows": text, "now": now})
+
     async def _insert_conversions(
         self, conversions: list[Conversion], batch: int, now: float
     ) -> dict[int, Ingested]:
+        """Insert a group's conversions: each round one statement, then one query for all the ids."""
+        rounds = [_json_rows([_conversion_values(c) for c in part]) for part in _rounds(conversions)]
+        if any(text is None for text in rounds):
+            return await self._insert_conversions_rowwise(conversions, batch, now)
+        db = self.db
+        for text in rounds:
+            await db.execute(_CONVERSIONS_INSERT_JSON, {"rows": text, "now": now, "batch": batch})
+        inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
+        for row in json.loads((await db.execute_fetchall(_INSERTED, (batch,)))[0][0]):
+            inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
+        results: dict[int, Ingested] = {}
+        claimed: set[tuple[str, str, str, str]] = set()
+        repeats: list[tuple[Conversion, tuple[str, str, str, str]]] = []
+        for conv in conversions:
+            if conv.event is None:
+                results[id(conv)] = Ingested("ignored")
+                continue
+            key = (conv.tracker, conv.click_id, conv.event, conv.transaction_id)
+            if key in inserted and key not in claimed:
+                claimed.add(key)
+                conversion_id, event_id = inserted[key]
+                results[id(conv)] = Ingested("accepted", conversion_id, event_id)
+                continue
+            repeats.append((conv, key))
+        if repeats:
+            keys = json.dumps([key for _, key in repeats])
+            existing = {
+                (row[0], row[1], row[2], row[3]): (row[4], row[5])
+                for row in json.loads((await db.execute_fetchall(_EXISTING, (keys,)))[0][0])
+            }
+            for conv, key in repeats:
+                if key not in existing:  # cannot happen inside the transaction; refuse rather than lie
+                    raise StoreUnavailable("conversion vanished during commit")
+                results[id(conv)] = Ingested("duplicate", *existing[key])
+        return results
+
+    async def _insert_conversions_rowwise(
+        self, conversions: list[Conversion], batch: int, now: float
+    ) -> dict[int, Ingested]:
+        """The statement-per-row path, for the rare group that JSON cannot carry."""
         db = self.db
         rows = [_conversion_row(c, batch, now) for c in conversions]
         await db.executemany(_CONVERSION_INSERT, rows)
@@ -511,6 +629,18 @@ class Store:
                 )
             return cursor.rowcount
 
+    async def bring_forward(self, now: float, pixel: str) -> int | None:
+        """Make the pixel's next waiting event due now (an outage probe); its id, or None if none waits."""
+        async with self._lock, self.db.execute(
+            "UPDATE conversions SET next_attempt_at = :now WHERE id = ("
+            "  SELECT id FROM conversions WHERE state = 'pending' AND sent_pixel = :pixel"
+            "    AND next_attempt_at > :now AND (lease_until IS NULL OR lease_until <= :now)"
+            "  ORDER BY next_attempt_at LIMIT 1) RETURNING id",
+            {"now": now, "pixel": pixel},
+        ) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
     # -- inspection and maintenance ---------------------------------------------------------------------
 
     async def conversion(self, conversion_id: int) -> sqlite3.Row | None:
@@ -543,6 +673,38 @@ class Store:
                 cursor = await self.db.execute(sql + " AND id = ?", (now, conversion_id))
                 total += cursor.rowcount
             return total
+
+
+def _json_rows(rows: list[list[Any]]) -> str | None:
+    """Rows as one JSON text for json_each, or None when a value holds a NUL (SQLite's JSON cuts it off)."""
+    text = json.dumps(rows, separators=(",", ":"))
+    return None if "\\u0000" in text else text
+
+
+def _rounds(conversions: list[Conversion]) -> list[list[Conversion]]:
+    """The group in arrival order, split so that no part holds two conversions of one click and event.
+
+    Conversions of different clicks or events never affect each other's insert; those of the same
+    one (a rebill, a repeat) go in later parts, so each sees the ones before it, as row by row.
+    """
+    parts: list[list[Conversion]] = []
+    seen: dict[tuple[str, str, str | None], int] = {}
+    for conv in conversions:
+        key = (conv.tracker, conv.click_id, conv.event)
+        index = seen.get(key, 0)
+        seen[key] = index + 1
+        if index == len(parts):
+            parts.append([])
+        parts[index].append(conv)
+    return parts
+
+
+def _conversion_values(conv: Conversion) -> list[Any]:
+    values: list[Any] = [getattr(conv, f) for f in _CONVERSION_FIELDS]
+    values.append(conv.event_id)
+    values.append(PENDING if conv.event is not None else IGNORED)
+    values.append(conv.ignored_reason)
+    return values
 
 
 def _click_row(click: Click, now: float) -> dict[str, Any]:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.config import Network, TrackerConfig
 from bridge.logs import get_logger
@@ -56,7 +60,10 @@ def client_ip(request: web.Request, trusted_proxies: Sequence[Network]) -> str |
     peer = request.remote
     if not trusted_proxies or not _ip_in(peer, trusted_proxies):
         return peer
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    # Every X-Forwarded-For line, in order: a proxy that adds its own line instead of appending to
+    # the client's would otherwise leave the client's forged first line as the only one read.
+    forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
     for hop in reversed(hops):
         try:
             ipaddress.ip_address(hop)
@@ -70,10 +77,9 @@ def client_ip(request: web.Request, trusted_proxies: Sequence[Network]) -> str |
 async def read_params(request: web.Request) -> dict[str, str]:
     """Query parameters, plus a form or JSON body on POST; the first value of a repeated name wins."""
     params: dict[str, str] = {}
-    try:
-        pairs = list(request.query.items())
-    except UnicodeDecodeError:
-        raise BadParameter("query", "not valid UTF-8") from None
+    # Not request.query: yarl turns invalid UTF-8 such as %ff into U+FFFD without a word, and the
+    # mangled value would be stored and sent as if the tracker had sent it.
+    pairs = decode_pairs(request.rel_url.raw_query_string, "query")
     if request.method == "POST" and request.body_exists:
         pairs.extend(await _body_params(request))
     if len(pairs) > MAX_PARAMS:
@@ -84,7 +90,11 @@ async def read_params(request: web.Request) -> dict[str, str]:
 
 
 async def _body_params(request: web.Request) -> list[tuple[str, str]]:
-    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        raw = await request.read()  # raises 413 past client_max_size
+    except (web.RequestPayloadError, HttpProcessingError):
+        # A broken chunked encoding or compressed body: the sender's fault, not a 500.
+        raise BadParameter("body", "cannot be read (malformed chunked encoding or compression)") from None
     if not raw:
         return []
     ctype = request.content_type
@@ -95,21 +105,57 @@ async def _body_params(request: web.Request) -> list[tuple[str, str]]:
     if ctype == "application/json":
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: `[[[[...` nested past the stack
             raise BadParameter("body", "not valid JSON") from None
         if not isinstance(data, dict):
             raise BadParameter("body", "JSON body must be an object")
-        return [(str(k), _scalar(k, v)) for k, v in data.items() if v is not None]
+        pairs = [(str(k), _scalar(k, v)) for k, v in data.items() if v is not None]
+        for name, value in pairs:
+            # JSON may escape lone surrogates ("\ud800"): text no database or log can encode.
+            if not _encodable(name):
+                raise BadParameter("body", "a parameter name is not valid UTF-8")
+            if not _encodable(value):
+                raise BadParameter(name[:64], "not valid UTF-8")
+        return pairs
     if ctype in ("application/x-www-form-urlencoded", "text/plain", "application/octet-stream", ""):
-        from urllib.parse import parse_qsl
-
-        try:
-            return parse_qsl(text, keep_blank_values=True, errors="strict")
-        except (UnicodeDecodeError, ValueError):
-            raise BadParameter("body", "not a valid form body") from None
+        return decode_pairs(text, "body")
     if ctype == "multipart/form-data":
         raise BadParameter("body", "multipart bodies are not accepted; send a query string, form or JSON")
     raise BadParameter("body", f"unsupported content type {ctype[:64]!r}")
+
+
+def decode_pairs(text: str, where: str) -> list[tuple[str, str]]:
+    """`a=1&b=%C3%A9` -> pairs, percent-decoded as strict UTF-8; a value that is not is a 400 naming it."""
+    pairs: list[tuple[str, str]] = []
+    for chunk in text.split("&"):
+        if not chunk:
+            continue
+        if len(pairs) == MAX_PARAMS:
+            raise BadParameter(where, f"more than {MAX_PARAMS} parameters")
+        raw_name, _, raw_value = chunk.partition("=")
+        name = _unquote(raw_name)
+        if name is None:
+            raise BadParameter(where, "a parameter name is not valid UTF-8")
+        value = _unquote(raw_value)
+        if value is None:
+            raise BadParameter(name[:64], "not valid UTF-8")
+        pairs.append((name, value))
+    return pairs
+
+
+def _unquote(text: str) -> str | None:
+    try:
+        return unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
+    except UnicodeError:  # invalid UTF-8 after decoding, or raw bytes the parser let through
+        return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _scalar(name: Any, value: Any) -> str:
@@ -123,8 +169,10 @@ def _scalar(name: Any, value: Any) -> str:
 def _key_ok(tracker: TrackerConfig, given: str | None) -> bool:
     if not tracker.key:
         return True
-    # Constant time, so the key cannot be guessed byte by byte from response times.
-    return hmac.compare_digest((given or "").encode("utf-8", "replace"), tracker.key.encode())
+    # Constant time, so the key cannot be guessed byte by byte from response times; digests of equal
+    # length, so the time does not tell the key's length either.
+    given_digest = hashlib.sha256((given or "").encode("utf-8", "replace")).digest()
+    return hmac.compare_digest(given_digest, hashlib.sha256(tracker.key.encode()).digest())
 
 
 async def postback(request: web.Request) -> web.Response:
@@ -134,21 +182,31 @@ async def postback(request: web.Request) -> web.Response:
     name = request.match_info["tracker"]
     tracker = config.trackers.get(name)
     if tracker is None:
+        # Tracker names come from the URL: counted under one label, never as a label of their own.
+        metrics.postbacks.labels("(unknown)", "unknown_tracker").inc()
+        log.warning("postback refused", tracker=name[:64], why="unknown tracker (no such tracker file)")
         return _json(404, {"error": "unknown tracker"})
     source = client_ip(request, config.settings.server.trusted_proxies)
     if tracker.allow_ips and not _ip_in(source, tracker.allow_ips):
         metrics.postbacks.labels(name, "forbidden").inc()
         log.warning("postback refused", tracker=name, source=source, why="source address not in allow_ips")
         return _json(403, {"error": "source address not allowed"})
+    unreadable: BadParameter | None = None
     try:
         params = await read_params(request)
     except BadParameter as exc:
-        metrics.postbacks.labels(name, "rejected").inc()
-        return _json(400, {"error": str(exc)})
-    if not _key_ok(tracker, params.get("key")):
+        params, unreadable = {}, exc
+    # The key is checked before anything else is judged: a sender without it learns only 403. From
+    # a request that cannot be read whole, the key is taken from the query if it is there.
+    given = request.query.get("key") if unreadable is not None else params.get("key")
+    if not _key_ok(tracker, given):
         metrics.postbacks.labels(name, "forbidden").inc()
         log.warning("postback refused", tracker=name, source=source, why="wrong or missing key")
         return _json(403, {"error": "wrong or missing key"})
+    if unreadable is not None:
+        metrics.postbacks.labels(name, "rejected").inc()
+        log.info("postback rejected", tracker=name, why=str(unreadable))
+        return _json(400, {"error": str(unreadable)})
     try:
         conversion = build_conversion(
             tracker, params, time.time(), config.settings.matching.default_phone_region
@@ -207,9 +265,24 @@ class ClickLimiter:
         if window != self._window:
             self._window = window
             self._counts.clear()
-        count = self._counts.get(address, 0) + 1
-        self._counts[address] = count
+        source = _rate_source(address)
+        count = self._counts.get(source, 0) + 1
+        self._counts[source] = count
         return count <= limit
+
+
+def _rate_source(address: str) -> str:
+    """What one sender controls: an IPv4 address, or an IPv6 /64 (one host gets a whole /64, and
+    counting its addresses one by one would let it register without limit)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 CLICK_LIMITER = web.AppKey("click_limiter", ClickLimiter)
@@ -222,7 +295,11 @@ async def click(request: web.Request) -> web.Response:
     ip = client_ip(request, settings.server.trusted_proxies)
     if not request.app[CLICK_LIMITER].allow(ip or "", settings.server.click_limit_per_minute, time.time()):
         metrics.clicks.labels("rate_limited").inc()
-        return web.Response(status=429, text="too many click registrations\n", headers=CORS_HEADERS)
+        return web.Response(
+            status=429,
+            text="too many click registrations\n",
+            headers={**CORS_HEADERS, "Retry-After": str(60 - int(time.time()) % 60)},
+        )
     try:
         params = await read_params(request)
         registration = build_click(
@@ -242,6 +319,8 @@ async def click(request: web.Request) -> web.Response:
         metrics.clicks.labels("unavailable").inc()
         log.error("click not stored", why=str(exc))
         return web.Response(status=503, text="temporarily unavailable\n", headers=CORS_HEADERS)
+    for field_name in registration.dropped:
+        metrics.dropped_identifiers.labels(field_name).inc()
     metrics.clicks.labels("registered").inc()
     return web.Response(status=204, headers=CORS_HEADERS)
 
@@ -273,10 +352,14 @@ def _operator_only(request: web.Request) -> web.Response | None:
     """/readyz and /metrics: loopback (or server.metrics_allow_ips) or the bearer token."""
     server = request.app[RUNTIME].config.settings.server
     if server.metrics_token:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if hmac.compare_digest(given.encode("utf-8", "replace"), server.metrics_token.encode()):
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8", "replace"), server.metrics_token.encode()
+        ):
             return None
-    if _ip_in(request.remote, server.metrics_allow_ips):
+    # Through a trusted reverse proxy the peer is the proxy itself (loopback): judge the client behind it,
+    # or publishing the whole bridge through nginx would open these to everyone.
+    if _ip_in(client_ip(request, server.trusted_proxies), server.metrics_allow_ips):
         return None
     return web.Response(status=403, text="forbidden\n")
 
@@ -318,7 +401,29 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return _json(503, {"error": "temporarily unavailable, retry later"})
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (raw bytes in the URL, a header past 8 KiB, TLS on the
+    plain port) as an error with a traceback, and its message quotes the request line, postback key
+    and all. The sender is at fault, not the bridge: one warning line, without either."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.msg = "malformed HTTP request from %s refused with 400: %s"
+            record.args = (peer, type(exc).__name__)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = min(record.levelno, logging.WARNING)
+            record.levelname = logging.getLevelName(record.levelno)
+        return True
+
+
+_MALFORMED_REQUESTS = _MalformedRequests()
+
+
 def create_app(runtime: Runtime) -> web.Application:
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: addFilter skips repeats
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[RUNTIME] = runtime
     app[CLICK_LIMITER] = ClickLimiter()

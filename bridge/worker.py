@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -17,8 +18,8 @@ import aiohttp
 from bridge.enrich import Prepared, prepare
 from bridge.logs import get_logger
 from bridge.pacing import Pacer
-from bridge.retry import HELD_PIXEL_RETRY, Backoff
-from bridge.runtime import Runtime
+from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
+from bridge.runtime import PixelHealth, Runtime
 from bridge.store import (
     DELIVERED,
     DELIVERED_DRY_RUN,
@@ -40,12 +41,27 @@ LINGER_SECONDS = 0.1
 IDLE_SECONDS = 1.0
 # On SIGTERM, in-flight requests get this long to finish before their leases are released.
 STOP_GRACE_SECONDS = 5.0
+# A pacing or hold deadline this close is treated as reached (the clock moves while a cycle runs).
+GATE_SLACK_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
 class Item:
     row: Any  # sqlite3.Row of the conversion
     prepared: Prepared
+
+
+# This many transient answers in a row, without a success between, mean TikTok (or the way to it)
+# was down rather than one batch being unlucky: the first success then sends everything waiting.
+OUTAGE_FAILURES = 2
+
+
+@dataclass
+class Outage:
+    """A pixel whose last request failed transiently."""
+
+    failures: int = 0  # consecutive transient answers
+    probe_at: float = 0.0  # when to probe with a waiting event if nothing was sent to the pixel since
 
 
 class Worker:
@@ -57,14 +73,22 @@ class Worker:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        stop_grace: float = STOP_GRACE_SECONDS,
     ) -> None:
         self.runtime = runtime
         self.session = session
         self.backoff = backoff or Backoff()
         self.clock = clock
         self.rand = rand
+        self.stop_grace = stop_grace
         self.pacers: dict[str, Pacer] = {}
+        # Python-side state here is a cache of what TikTok last said, never the truth about events:
+        # a restart forgets it and every event simply follows its own schedule in the database.
         self.held_until: dict[str, float] = {}
+        self.outages: dict[str, Outage] = {}
+        # Events brought forward as an outage probe: a failed probe does not use up one of their attempts.
+        self._probes: set[int] = set()
+        self._health_loaded = False
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[int] = set()
@@ -81,7 +105,7 @@ class Worker:
         if self._task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE_SECONDS)
+            await asyncio.wait_for(asyncio.shield(self._task), self.stop_grace)
         except TimeoutError:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -96,6 +120,7 @@ class Worker:
         """A reload changed these pixels' tokens or codes: stop holding them."""
         for name in names:
             self.held_until.pop(name, None)
+            self.outages.pop(name, None)
 
     async def _run(self) -> None:
         store = self.runtime.store
@@ -120,8 +145,10 @@ class Worker:
         store = self.runtime.store
         next_due = await store.next_due_at()
         timeout = IDLE_SECONDS
-        if next_due is not None:
-            timeout = min(IDLE_SECONDS, max(0.0, next_due - self.clock()))
+        # A due time already past while the last cycle claimed nothing belongs to a leased event
+        # (a failed cycle's lease runs out later): waiting 0 s here would spin until it does.
+        if next_due is not None and next_due > self.clock():
+            timeout = min(IDLE_SECONDS, next_due - self.clock())
         if timeout > 0:
             try:
                 await asyncio.wait_for(store.committed.wait(), timeout)
@@ -137,21 +164,46 @@ class Worker:
 
     async def run_once(self) -> int:
         """Claim what is due, deliver it, record the outcomes; returns how many events were handled."""
-        runtime = self.runtime
-        config = runtime.config
-        settings = config.settings
-        store = runtime.store
+        store = self.runtime.store
+        settings = self.runtime.config.settings
+        if not self._health_loaded:
+            await self._load_health()
         now = self.clock()
         rows = await store.claim_due(now, settings.tiktok.batch_size * 4, LEASE_SECONDS)
         if not rows:
-            return 0
-        self._in_flight.update(row["id"] for row in rows)
-        clicks = await store.clicks_for(row["click_id"] for row in rows)
+            return await self._probe_outages(now)
+        ids = [row["id"] for row in rows]
+        self._in_flight.update(ids)
+        # If anything below raises, the leases stay: the events are due again when they run out
+        # (LEASE_SECONDS), or at once after a restart. Releasing them now could resend a batch
+        # every second while, say, the database refuses to record the answers.
+        outcomes = await self._handle(rows, now)
+        await store.apply(outcomes, self.clock())
+        self._in_flight.difference_update(ids)
+        self._probes.difference_update(ids)
+        by_id = {row["id"]: row for row in rows}
+        for outcome in outcomes:
+            if outcome.state != PENDING:
+                self.runtime.metrics.delivered.labels(outcome.sent_pixel or "", outcome.state).inc()
+            if outcome.state in NOT_DELIVERED:
+                _log_not_delivered(by_id[outcome.id], outcome)
+        return len(rows) + await self._probe_outages(self.clock())
 
+    async def _handle(self, rows: list[Any], now: float) -> list[Outcome]:
+        """Decide every claimed event: expired, unroutable, unmatched, waiting, or sent (and how it went)."""
+        config = self.runtime.config
+        settings = config.settings
+        clicks = await self.runtime.store.clicks_for(row["click_id"] for row in rows)
         outcomes: list[Outcome] = []
         batches: dict[str, list[Item]] = defaultdict(list)
         for row in rows:
-            prepared = prepare(row, clicks.get(row["click_id"]))
+            try:
+                prepared = prepare(row, clicks.get(row["click_id"]))
+            except Exception as exc:  # one malformed row must not stall the queue behind it
+                outcomes.append(
+                    Outcome(row["id"], FAILED, count_attempt=False, error=f"cannot build the event: {exc!r}")
+                )
+                continue
             keys = ",".join(prepared.match_keys)
             if now - row["event_time"] > settings.delivery.max_event_age:
                 outcomes.append(
@@ -181,30 +233,46 @@ class Worker:
                     Outcome(row["id"], UNMATCHED, count_attempt=False, sent_pixel=pixel, match_keys="")
                 )
                 continue
-            wait_until = max(self.held_until.get(pixel, 0.0), self._pacer(pixel).next_send_at(now))
-            if wait_until > now + 0.05:
-                outcomes.append(
-                    Outcome(
-                        row["id"],
-                        PENDING,
-                        next_attempt_at=wait_until,
-                        count_attempt=False,
-                        sent_pixel=pixel,
-                        match_keys=keys,
-                    )
-                )
+            wait_until = self._gate(pixel, now)
+            if wait_until > now + GATE_SLACK_SECONDS:
+                outcomes.append(self._wait(Item(row, prepared), pixel, wait_until))
                 continue
             batches[pixel].append(Item(row, prepared))
 
         sent = await asyncio.gather(*(self._deliver_pixel(pixel, items) for pixel, items in batches.items()))
         for pixel_outcomes in sent:
             outcomes.extend(pixel_outcomes)
-        await store.apply(outcomes, self.clock())
-        self._in_flight.difference_update(o.id for o in outcomes)
-        for outcome in outcomes:
-            if outcome.state != PENDING:
-                runtime.metrics.delivered.labels(outcome.sent_pixel or "", outcome.state).inc()
-        return len(rows)
+        return outcomes
+
+    def _gate(self, pixel: str, now: float) -> float:
+        """The earliest time the pixel may be sent to: held (token) or paced (rate)."""
+        return max(self.held_until.get(pixel, 0.0), self._pacer(pixel).next_send_at(now))
+
+    async def _probe_outages(self, now: float) -> int:
+        """Bring one waiting event forward for each pixel whose last request failed and that nothing
+        was sent to since its probe time.
+
+        Single events back off up to Backoff.cap; without probes the first sign that TikTok is back
+        could be that far away. A probe that fails costs the event no attempt: probing must not make
+        an outage turn events into dead letters sooner.
+        """
+        probed = 0
+        for pixel, outage in list(self.outages.items()):
+            if outage.probe_at > now or self.held_until.get(pixel, 0.0) > now:
+                continue
+            if pixel not in self.runtime.config.settings.pixels:
+                del self.outages[pixel]
+                continue
+            # The next probe, in case this one never gets an answer (paced, or the cycle fails).
+            outage.probe_at = now + RECOVERY_PROBE.delay(max(1, outage.failures), self.rand())
+            conversion_id = await self.runtime.store.bring_forward(now, pixel)
+            if conversion_id is None:
+                # Nothing of this pixel waits: the next new event finds out whether TikTok is back.
+                del self.outages[pixel]
+                continue
+            self._probes.add(conversion_id)
+            probed += 1
+        return probed
 
     def _pacer(self, pixel: str) -> Pacer:
         if pixel not in self.pacers:
@@ -213,12 +281,29 @@ class Worker:
 
     async def _deliver_pixel(self, pixel: str, items: list[Item]) -> list[Outcome]:
         size = self.runtime.config.settings.tiktok.batch_size
+        chunks = [items[start : start + size] for start in range(0, len(items), size)]
         outcomes: list[Outcome] = []
-        for start in range(0, len(items), size):
-            outcomes.extend(await self._send(pixel, items[start : start + size]))
+        for index, chunk in enumerate(chunks):
+            now = self.clock()
+            wait_until = self._gate(pixel, now)
+            outage = self.outages.get(pixel)
+            if index and outage is not None:
+                wait_until = max(wait_until, outage.probe_at)
+            if index and wait_until > now + GATE_SLACK_SECONDS:
+                # The last answer slowed the pixel down, held it or failed: the rest of this cycle's
+                # batches wait rather than repeating the same answer (each after a timeout, maybe).
+                waiting = [item for rest in chunks[index:] for item in rest]
+                outcomes.extend(self._wait(item, pixel, wait_until) for item in waiting)
+                break
+            try:
+                outcomes.extend(await self._send(pixel, chunk))
+            except Exception as exc:  # a bug in one request must not lose the outcomes of the others
+                log.exception("sending a batch failed", pixel=pixel, events=len(chunk), error=repr(exc))
+                answer = Answer(Kind.TRANSIENT, None, f"internal error: {exc!r}", None, None)
+                outcomes.extend(self._transient(item, pixel, answer, self.clock()) for item in chunk)
         return outcomes
 
-    async def _send(self, pixel: str, items: list[Item]) -> list[Outcome]:
+    async def _send(self, pixel: str, items: list[Item], *, use_indices: bool = True) -> list[Outcome]:
         runtime = self.runtime
         settings = runtime.config.settings
         pixel_config = runtime.config.pixel(pixel)
@@ -252,15 +337,29 @@ class Worker:
             request_id=answer.request_id,
             message=answer.message if answer.kind is not Kind.DELIVERED else None,
         )
+        if answer.kind is Kind.TRANSIENT:
+            outage = self.outages.setdefault(pixel, Outage())
+            outage.failures += 1
+            outage.probe_at = now + RECOVERY_PROBE.delay(outage.failures, self.rand())
+            return [self._transient(item, pixel, answer, now) for item in items]
+        # Any other answer came from TikTok itself: it is reachable again.
+        outage = self.outages.pop(pixel, None)
         if answer.kind is Kind.DELIVERED:
             pacer.on_success()
             await self._set_health(pixel, True, answer, now)
+            if outage is not None and outage.failures >= OUTAGE_FAILURES:
+                # Events backed off up to Backoff.cap during the outage; send them now, not then.
+                waiting = await runtime.store.make_due(now, [pixel])
+                log.info("TikTok answers again: waiting events are due now", pixel=pixel, events=waiting)
             return [self._finished(item, DELIVERED, pixel, answer) for item in items]
         if answer.kind is Kind.RATE_LIMITED:
             pacer.on_rate_limited()
             retry_at = max(pacer.next_send_at(now), now + 1.0)
             return [self._retry(item, pixel, answer, retry_at, count=False) for item in items]
         if answer.kind is Kind.AUTH:
+            if runtime.config.settings.pixels.get(pixel) != pixel_config:
+                # A reload changed this pixel while the request was out: try the new token at once.
+                return [self._retry(item, pixel, answer, now, count=False) for item in items]
             self.held_until[pixel] = now + HELD_PIXEL_RETRY
             await self._set_health(pixel, False, answer, now)
             log.error(
@@ -271,13 +370,24 @@ class Worker:
                 retry_in=HELD_PIXEL_RETRY,
             )
             return [self._retry(item, pixel, answer, now + HELD_PIXEL_RETRY, count=False) for item in items]
-        if answer.kind is Kind.BAD_REQUEST:
-            if len(items) == 1:
-                return [self._finished(items[0], FAILED, pixel, answer)]
-            # One bad event fails the whole batch: bisect until the bad ones stand alone.
-            middle = len(items) // 2
-            return [*await self._send(pixel, items[:middle]), *await self._send(pixel, items[middle:])]
-        return [self._transient(item, pixel, answer, now) for item in items]
+        # BAD_REQUEST: one bad event fails the whole batch; split it until the bad ones stand alone.
+        if len(items) == 1:
+            return [self._finished(items[0], FAILED, pixel, answer)]
+        named = sorted({i for i in answer.bad_indices if i < len(items)}) if use_indices else []
+        if named and len(named) < len(items):
+            # TikTok names the bad event by its index: send it alone and the rest together. If a named
+            # event then goes through alone the index was wrong, and the rest is bisected instead.
+            suspects: list[Outcome] = []
+            for i in named:
+                suspects.extend(await self._send(pixel, [items[i]]))
+            confirmed = all(o.state == FAILED for o in suspects)
+            rest = [item for i, item in enumerate(items) if i not in set(named)]
+            return [*suspects, *await self._send(pixel, rest, use_indices=confirmed)]
+        middle = len(items) // 2
+        return [
+            *await self._send(pixel, items[:middle], use_indices=False),
+            *await self._send(pixel, items[middle:], use_indices=False),
+        ]
 
     def _finished(self, item: Item, state: str, pixel: str, answer: Answer | None = None) -> Outcome:
         return Outcome(
@@ -303,14 +413,43 @@ class Worker:
             match_keys=",".join(item.prepared.match_keys),
         )
 
+    def _wait(self, item: Item, pixel: str, until: float) -> Outcome:
+        """Not sent: the pixel is paced, held or down. Waiting costs the event no attempt."""
+        return Outcome(
+            item.row["id"],
+            PENDING,
+            next_attempt_at=until,
+            count_attempt=False,
+            sent_pixel=pixel,
+            match_keys=",".join(item.prepared.match_keys),
+        )
+
     def _transient(self, item: Item, pixel: str, answer: Answer, now: float) -> Outcome:
-        attempts = item.row["attempts"] + 1
+        attempts = item.row["attempts"]
+        if item.row["id"] in self._probes:
+            # Brought forward early to see whether TikTok is back: its own schedule was not due yet.
+            return self._retry(
+                item, pixel, answer, now + self.backoff.delay(max(1, attempts), self.rand()), count=False
+            )
+        attempts += 1
         if attempts >= self.runtime.config.settings.delivery.max_attempts:
             outcome = self._finished(item, FAILED, pixel, answer)
-            return Outcome(
-                **{**outcome.__dict__, "error": f"gave up after {attempts} attempts: {answer.message}"}
-            )
+            return dataclasses.replace(outcome, error=f"gave up after {attempts} attempts: {answer.message}")
         return self._retry(item, pixel, answer, now + self.backoff.delay(attempts, self.rand()), count=True)
+
+    async def _load_health(self) -> None:
+        """What the previous run learnt about each pixel, so a recovery after a restart is recorded."""
+        for row in await self.runtime.store.fetchall(
+            "SELECT pixel, healthy, last_code, last_error, updated_at FROM pixel_status"
+        ):
+            if row["pixel"] not in self.runtime.health:
+                self.runtime.health[row["pixel"]] = PixelHealth(
+                    healthy=bool(row["healthy"]),
+                    last_error=row["last_error"],
+                    last_code=row["last_code"],
+                    since=row["updated_at"],
+                )
+        self._health_loaded = True
 
     async def _set_health(self, pixel: str, healthy: bool, answer: Answer, now: float) -> None:
         health = self.runtime.pixel_health(pixel)
@@ -324,6 +463,28 @@ class Worker:
         health.last_error = None if healthy else answer.message
         health.since = now
         await self.runtime.store.set_pixel_status(pixel, healthy, answer.code, health.last_error, now)
+
+
+# Final states that mean TikTok did not get the event: one line each (delivered ones share their batch's).
+NOT_DELIVERED = (FAILED, EXPIRED, UNMATCHED)
+
+
+def _log_not_delivered(row: Any, outcome: Outcome) -> None:
+    why = outcome.error
+    if outcome.state == UNMATCHED:
+        why = "no match key (ttclid, ttp, ip+user_agent, email, phone, external_id)"
+    (log.warning if outcome.state == FAILED else log.info)(
+        "event not delivered",
+        state=outcome.state,
+        conversion_id=row["id"],
+        tracker=row["tracker"],
+        click_id=row["click_id"],
+        tiktok_event=row["event"],
+        event_id=row["event_id"],
+        pixel=outcome.sent_pixel,
+        code=outcome.code,
+        why=why,
+    )
 
 
 def _code_label(answer: Answer) -> str:

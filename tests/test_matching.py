@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
+from urllib.parse import quote, quote_plus
 
+import phonenumbers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from phonenumbers import PhoneNumberFormat
 
 from bridge.matching import (
     SHA256_HEX,
@@ -20,6 +24,7 @@ from bridge.matching import (
     normalize_email,
     normalize_external_id,
     normalize_phone,
+    scrub_url,
     sha256_hex,
 )
 
@@ -151,6 +156,34 @@ def test_international_prefix_00_is_understood() -> None:
 def test_phone_hash_is_stable_across_formats_and_padding(number: str, before: str, after: str) -> None:
     region = "DE" if number.startswith("00") else "US"
     assert hash_phone(f"{before}{number}{after}", region) == PHONE_HASH
+
+
+# Every region phonenumbers has an example mobile number for: the buyer's number may come from anywhere.
+EXAMPLE_NUMBERS = sorted(
+    (region, number)
+    for region in phonenumbers.SUPPORTED_REGIONS
+    if (number := phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE))
+)
+WRITTEN_FORMATS = (
+    PhoneNumberFormat.E164,
+    PhoneNumberFormat.INTERNATIONAL,
+    PhoneNumberFormat.NATIONAL,
+    PhoneNumberFormat.RFC3966,
+)
+
+
+@FAST
+@given(st.sampled_from(EXAMPLE_NUMBERS), st.sampled_from(WRITTEN_FORMATS))
+def test_any_countrys_number_in_any_written_format_normalises_to_its_e164(
+    example: tuple[str, phonenumbers.PhoneNumber], written_format: int
+) -> None:
+    region, number = example
+    e164 = phonenumbers.format_number(number, PhoneNumberFormat.E164)
+    written = phonenumbers.format_number(number, written_format)
+    # National formats need the number's own region; the others carry their country code.
+    default_region = region if written_format == PhoneNumberFormat.NATIONAL else "US"
+    assert normalize_phone(written, default_region) == e164
+    assert hash_phone(written, default_region) == sha256_hex(e164)
 
 
 @pytest.mark.parametrize("raw", ["abc", "12", "", "   ", "+", "+999 123", "2133734253" * 30])
@@ -288,3 +321,44 @@ def test_hash_identifiers_agrees_with_individual_hashers(
         if hashed is None:
             expected_dropped.append(name)
     assert result.dropped == tuple(expected_dropped)
+
+
+# --- page URLs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://lp.example/offer",
+        "https://lp.example/offer?ttclid=E.C.P.CqgBqkM2fX&subid=1dad2cg1br22spja1",
+        "https://lp.example/p?q=a+b%20c&hotel=2&is_mobile=1&handle=%40someone",
+    ],
+)
+def test_url_without_email_or_phone_is_kept_exactly(url: str) -> None:
+    assert scrub_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "scrubbed"),
+    [
+        ("https://lp.example/t?step=2&email=a%40b.co", "https://lp.example/t?step=2"),
+        ("https://lp.example/t?User_Email=x&Phone=%2B1213&tel=1&mobile=2&a=1", "https://lp.example/t?a=1"),
+        ("https://lp.example/t?contact=alice@example.com", "https://lp.example/t"),
+        ("https://lp.example/t?next=%2Fok%3Fe%3Dbob%2540example.org&x=1", "https://lp.example/t?x=1"),
+        ("https://lp.example/t?a=1#email=alice@example.com", "https://lp.example/t?a=1"),
+        ("https://lp.example/u/alice@example.com/thanks", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_email_and_phone_parameters_are_removed_from_urls(url: str | None, scrubbed: str | None) -> None:
+    assert scrub_url(url) == scrubbed
+
+
+@FAST
+@given(st.emails(), st.sampled_from([quote, quote_plus, lambda text: text]), st.text(max_size=8))
+def test_no_email_survives_in_a_scrubbed_url(email: str, encode: Callable[[str], str], name: str) -> None:
+    query = f"a=1&{quote(name)}={encode(email)}&b=2"
+    scrubbed = scrub_url(f"https://lp.example/t?{query}")
+    assert scrubbed is None or email.lower() not in scrubbed.lower()
+    assert scrubbed is None or scrubbed.startswith("https://lp.example/t?a=1")

@@ -1,0 +1,231 @@
+"""`stats` and `failed list | retry`: what an operator sees of delivery, and how dead letters go back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from bridge.cli import main
+from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
+
+
+async def cli(capsys: pytest.CaptureFixture[str], bridge: Bridge, *args: str) -> tuple[int, str, str]:
+    """Run the real command line against the bridge's config (in a thread: it runs its own loop)."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, [*args, "-c", str(bridge.config.path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def lead(bridge: Bridge, click_id: str, pixel: str | None = None) -> int:
+    if pixel is not None:
+        assert await bridge.click(click_id=click_id, pixel=pixel) == 204
+    _, body = await bridge.postback("keitaro", subid=click_id, external_id=f"E.C.P.{click_id}", status="lead")
+    assert body["result"] == "accepted", body
+    return body["conversion_id"]
+
+
+async def mixed(bridge: Bridge) -> dict[str, Any]:
+    """Two delivered and one dead letter on main; two held on second (TikTok refuses its token)."""
+    bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
+    ids = {
+        "delivered": [await lead(bridge, "d1"), await lead(bridge, "d2")],
+        "failed": [await lead(bridge, "bad")],
+        "held": [await lead(bridge, "h1", SECOND_CODE), await lead(bridge, "h2", SECOND_CODE)],
+    }
+    bridge.fake.poison("bad_Lead", "value must be a number")
+    await bridge.deliver()
+    return ids
+
+
+async def dead_letters(make_bridge: BridgeFactory, n: int) -> tuple[Bridge, list[int]]:
+    """A bridge whose first n events failed for good (one attempt allowed, TikTok was down)."""
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 1}))
+    ids = [await lead(bridge, f"f{i}") for i in range(n)]
+    bridge.fake.fail_next(1, "50002")
+    await bridge.deliver()
+    assert await bridge.states() == {"failed": n}
+    return bridge, ids
+
+
+async def test_stats_json_counts_events_by_state_and_pixel(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await mixed(bridge)
+
+    code, out, _ = await cli(capsys, bridge, "stats", "--json")
+
+    stats = json.loads(out)
+    assert code == 0
+    assert {k: v for k, v in stats["totals"].items() if v} == {"delivered": 2, "failed": 1, "pending": 2}
+    assert {k: v for k, v in stats["pixels"]["main"]["states"].items() if v} == {"delivered": 2, "failed": 1}
+    assert {k: v for k, v in stats["pixels"]["second"]["states"].items() if v} == {"pending": 2}
+
+
+async def test_stats_json_shows_a_held_pixel_unhealthy_with_its_last_error(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await mixed(bridge)
+
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+
+    pixels = json.loads(out)["pixels"]
+    assert pixels["main"]["healthy"] is True
+    assert pixels["second"]["healthy"] is False
+    assert pixels["second"]["last_code"] == 40001
+    assert "No permission" in pixels["second"]["last_error"]
+
+
+async def test_stats_json_shows_oldest_pending_age_and_match_key_coverage(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await mixed(bridge)
+
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+
+    second = json.loads(out)["pixels"]["second"]
+    assert second["oldest_pending_seconds"] >= 0
+    assert second["coverage"]["ttclid"] == 1.0
+    assert second["coverage"]["email"] == 0.0
+
+
+async def test_stats_text_names_the_held_pixel_and_why(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await mixed(bridge)
+
+    code, out, _ = await cli(capsys, bridge, "stats")
+
+    assert code == 0
+    assert "pixel second: HELD" in out
+    assert "[40001]" in out and "No permission" in out
+    assert "pixel main: healthy" in out
+
+
+async def test_stats_shows_a_pixel_healthy_again_after_its_token_is_accepted(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await mixed(bridge)
+    bridge.fake.set_token(SECOND_CODE, "token-second-0123456789")
+    bridge.clock.advance(3600)
+    await bridge.deliver()
+
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+
+    second = json.loads(out)["pixels"]["second"]
+    assert second["healthy"] is True
+    assert {k: v for k, v in second["states"].items() if v} == {"delivered": 2}
+
+
+async def test_failed_list_json_shows_dead_letters_with_tiktoks_message(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await mixed(bridge)
+
+    code, out, _ = await cli(capsys, bridge, "failed", "list", "--json")
+
+    [item] = json.loads(out)
+    assert code == 0
+    assert item["id"] == ids["failed"][0]
+    assert (item["event"], item["event_id"], item["sent_pixel"]) == ("Lead", "bad_Lead", "main")
+    assert item["last_code"] == 40002
+    assert "value must be a number" in item["last_error"]
+
+
+async def test_failed_list_text_shows_one_line_per_dead_letter(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = await mixed(bridge)
+
+    _, out, _ = await cli(capsys, bridge, "failed", "list")
+
+    [line] = out.splitlines()
+    assert line.startswith(f"{ids['failed'][0]}\t")
+    assert "bad_Lead" in line and "[40002]" in line and "value must be a number" in line
+
+
+async def test_failed_list_says_so_when_there_are_none(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await lead(bridge, "ok")
+    await bridge.deliver()
+
+    code, out, _ = await cli(capsys, bridge, "failed", "list")
+
+    assert (code, out.strip()) == (0, "no failed events")
+
+
+async def test_failed_retry_id_requeues_it_and_it_is_delivered(
+    make_bridge: BridgeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge, ids = await dead_letters(make_bridge, 2)
+
+    code, out, _ = await cli(capsys, bridge, "failed", "retry", str(ids[0]))
+    await bridge.deliver()
+
+    assert code == 0 and "requeued 1" in out
+    assert bridge.fake.event_ids() == ["f0_Lead"]
+    assert [(await bridge.row(i))["state"] for i in ids] == ["delivered", "failed"]
+
+
+async def test_failed_retry_all_requeues_every_dead_letter(
+    make_bridge: BridgeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge, _ = await dead_letters(make_bridge, 3)
+
+    code, out, _ = await cli(capsys, bridge, "failed", "retry", "--all")
+    await bridge.deliver()
+
+    assert code == 0 and "requeued 3" in out
+    assert sorted(bridge.fake.event_ids()) == ["f0_Lead", "f1_Lead", "f2_Lead"]
+    assert await bridge.states() == {"delivered": 3}
+
+
+async def test_a_requeued_event_gets_its_max_attempts_again(
+    make_bridge: BridgeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 2}))
+    conversion_id = await lead(bridge, "again")
+    bridge.fake.fail_next(3, "50002")
+    await bridge.deliver()
+    bridge.clock.advance(60)
+    await bridge.deliver()
+    assert (await bridge.row(conversion_id))["state"] == "failed"
+
+    await cli(capsys, bridge, "failed", "retry", str(conversion_id))
+    await bridge.deliver()
+    assert (await bridge.row(conversion_id))["state"] == "pending"
+    bridge.clock.advance(60)
+    await bridge.deliver()
+
+    assert (await bridge.row(conversion_id))["state"] == "delivered"
+    assert bridge.fake.event_ids() == ["again_Lead"]
+
+
+async def test_retrying_an_id_that_is_not_failed_exits_non_zero_with_one_line(
+    make_bridge: BridgeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge, ids = await dead_letters(make_bridge, 1)
+    delivered = await lead(bridge, "fine")
+    await bridge.deliver()
+
+    code, out, err = await cli(capsys, bridge, "failed", "retry", str(ids[0]), str(delivered), "999999")
+
+    assert code != 0
+    assert out == ""
+    [line] = err.splitlines()
+    assert f"{delivered} is delivered" in line and "999999 does not exist" in line
+    # Nothing was requeued, not even the id that was failed.
+    assert (await bridge.row(ids[0]))["state"] == "failed"
+
+
+async def test_failed_retry_needs_ids_or_all(bridge: Bridge, capsys: pytest.CaptureFixture[str]) -> None:
+    await lead(bridge, "x")
+
+    code, _, err = await cli(capsys, bridge, "failed", "retry")
+
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "--all" in err

@@ -1,0 +1,422 @@
+"""Config errors: `check-config` and `run` exit non-zero with one line (file: key: why) per problem."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.cli import main
+from tests.conftest import REPO, base_settings, write_config
+
+KEITARO = yaml.safe_load((REPO / "config" / "trackers" / "keitaro.yaml").read_text())
+
+
+def tracker(**changes: Any) -> dict[str, Any]:
+    """The shipped Keitaro tracker as another tracker file, with changes (None removes a key)."""
+    data = {**KEITARO, "name": "other", "key": "", **changes}
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def check_config(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """`postback-bridge check-config -c PATH`: exit status and the problem lines, each checked for form."""
+    code = main(["check-config", "-c", str(path)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert all(line.startswith("config error: ") for line in lines), err
+    return code, [line.removeprefix("config error: ") for line in lines]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
+
+
+@pytest.fixture
+def settings() -> dict[str, Any]:
+    return base_settings()
+
+
+def write(
+    directory: Path, settings: dict[str, Any], trackers: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    return write_config(directory, settings, trackers)
+
+
+# -- the main file ------------------------------------------------------------------------------------
+
+
+def test_the_shipped_config_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["check-config", "-c", str(REPO / "config" / "bridge.yaml")])
+
+    assert code == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, base_settings())
+    path.write_text("server:\n  port: 8080\n  host: [127.0.0.1\n")
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{path}: YAML syntax error at line ")
+
+
+def test_unknown_key_is_named_with_its_section(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["server"]["prot"] = 8081
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    assert problems == [f"{tmp_path / 'bridge.yaml'}: server.prot: unknown key"]
+
+
+def test_a_key_written_twice_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, base_settings())
+    path.write_text(path.read_text() + "default_pixel: second\ndefault_pixel: main\n")
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{path}: YAML syntax error at line ")
+    assert problem.endswith("key 'default_pixel' appears twice")
+
+
+def test_wrong_type_is_named(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["server"]["port"] = "eighty"
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{tmp_path / 'bridge.yaml'}: server.port: Input should be a valid integer")
+
+
+@pytest.mark.parametrize(
+    ("size", "why"), [(0, "greater than or equal to 1"), (1001, "less than or equal to 1000")]
+)
+def test_batch_size_outside_1_to_1000_is_an_error(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str], size: int, why: str
+) -> None:
+    settings["tiktok"]["batch_size"] = size
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    assert problems == [f"{tmp_path / 'bridge.yaml'}: tiktok.batch_size: Input should be {why}"]
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_a_duration_that_is_not_a_finite_number_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    path = write(tmp_path, base_settings())
+    path.write_text(path.read_text() + f"delivery:\n  max_event_age: {value}\n")
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{path}: delivery.max_event_age: ")
+
+
+def test_unset_environment_variable_names_the_key(
+    tmp_path: Path,
+    settings: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BRIDGE_TEST_UNSET_TOKEN", raising=False)
+    settings["pixels"]["main"]["access_token"] = "${BRIDGE_TEST_UNSET_TOKEN}"
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    assert problems == [
+        f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: environment variable BRIDGE_TEST_UNSET_TOKEN "
+        "is not set (use ${BRIDGE_TEST_UNSET_TOKEN:-default} for a default)"
+    ]
+
+
+def test_default_pixel_that_does_not_exist_is_named(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["default_pixel"] = "nosuch"
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    assert problems == [f"{tmp_path / 'bridge.yaml'}: default_pixel: 'nosuch' is not one of pixels"]
+
+
+def test_yaml_python_tags_are_refused_and_never_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "ran"
+    path = write(tmp_path, base_settings())
+    path.write_text(path.read_text() + f'partner: !!python/object/apply:os.system ["touch {marker}"]\n')
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{path}: YAML syntax error at line ")
+    assert "could not determine a constructor for the tag" in problem
+    assert not marker.exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, problems = check_config(tmp_path / "nosuch.yaml", capsys)
+
+    assert code == 2
+    assert problems == [f"{tmp_path / 'nosuch.yaml'}: cannot read: No such file or directory"]
+
+
+def test_every_problem_is_reported_at_once(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["server"]["port"] = 0
+    settings["tiktok"]["batch_size"] = 5000
+    settings["matching"] = {"default_phone_region": "XX"}
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    assert [p.split(": ")[1] for p in problems] == [
+        "server.port",
+        "tiktok.batch_size",
+        "matching.default_phone_region",
+    ]
+
+
+# -- tracker files ------------------------------------------------------------------------------------
+
+
+def tracker_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], **changes: Any
+) -> tuple[Path, int, list[str]]:
+    path = write(tmp_path, base_settings(), {"other": tracker(**changes)})
+    code, problems = check_config(path, capsys)
+    return tmp_path / "trackers" / "other.yaml", code, problems
+
+
+def test_tracker_yaml_syntax_error_names_the_tracker_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, base_settings())
+    bad = tmp_path / "trackers" / "broken.yaml"
+    bad.write_text("name: broken\nparams: {click_id: subid\n")
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{bad}: YAML syntax error at line ")
+
+
+def test_unknown_tracker_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, allowed_ips=["10.0.0.0/8"])
+
+    assert code == 2
+    assert problems == [f"{file}: allowed_ips: unknown key"]
+
+
+def test_tracker_without_a_click_id_mapping_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, params={"status": "status"})
+
+    assert code == 2
+    assert problems == [f"{file}: params: click_id must be mapped to the tracker's click id parameter"]
+
+
+def test_tracker_without_params_at_all_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, params=None)
+
+    assert code == 2
+    assert problems == [f"{file}: params: click_id must be mapped to the tracker's click id parameter"]
+
+
+def test_tracker_parameter_name_must_not_be_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, params={"click_id": "subid", "status": ""})
+
+    assert code == 2
+    assert problems == [f"{file}: params: status: empty parameter name"]
+
+
+@pytest.mark.parametrize("name", ["Keitaro Main", "../keitaro", "a/b", "keitaro?x=1", "", "-x"])
+def test_tracker_name_that_is_not_url_safe_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, name=name)
+
+    assert code == 2
+    assert problems == [f"{file}: name: must be URL-safe: lowercase letters, digits, '-' or '_', at most 64"]
+
+
+def test_two_trackers_with_one_name_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, name="keitaro")
+
+    assert code == 2
+    [problem] = problems
+    # The files are read in name order: the second one with the name is the one named.
+    assert problem.startswith(f"{file}: name: 'keitaro' is already used by ")
+    assert problem.endswith("keitaro.yaml")
+
+
+def test_tracker_pixel_that_does_not_exist_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, pixel="nosuch")
+
+    assert code == 2
+    assert problems == [f"{file}: pixel: 'nosuch' is not one of pixels in the main config"]
+
+
+def test_event_routed_to_a_pixel_that_does_not_exist_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file, code, problems = tracker_problems(
+        tmp_path, capsys, events={"sale": {"event": "Purchase", "pixel": "nosuch"}, "lead": "Lead"}
+    )
+
+    assert code == 2
+    assert problems == [f"{file}: events.sale.pixel: 'nosuch' is not one of pixels in the main config"]
+
+
+def test_empty_event_name_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, events={"sale": ""})
+
+    assert code == 2
+    assert problems == [f"{file}: events.sale.event: String should have at least 1 character"]
+
+
+def test_event_id_template_with_a_format_spec_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, event_id="{click_id:d}_{event}")
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{file}: event_id: fields take no format spec or conversion")
+
+
+def test_tracker_unset_environment_variable_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BRIDGE_TEST_UNSET_KEY", raising=False)
+
+    file, code, problems = tracker_problems(tmp_path, capsys, key="${BRIDGE_TEST_UNSET_KEY}")
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{file}: key: environment variable BRIDGE_TEST_UNSET_KEY is not set")
+
+
+def test_tracker_problems_never_show_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "pk-do-not-print-5b1e"
+    _, code, problems = tracker_problems(tmp_path, capsys, key=secret, name="Bad Name", pixel="nosuch")
+
+    assert code == 2
+    assert problems
+    assert not any(secret in p for p in problems)
+
+
+# -- the real commands, as subprocesses ---------------------------------------------------------------
+
+
+def broken_config(directory: Path) -> Path:
+    settings = base_settings()
+    settings["tiktok"]["batch_size"] = 0
+    return write_config(directory, settings, {"other": tracker(params={"status": "status"})})
+
+
+def test_check_config_command_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
+    path = broken_config(tmp_path)
+
+    result = cli("check-config", "-c", str(path))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"config error: {path}: tiktok.batch_size: Input should be greater than or equal to 1",
+    ]
+
+
+def test_run_with_an_invalid_config_exits_2_before_starting(tmp_path: Path) -> None:
+    settings = base_settings()
+    settings["server"]["port"] = 70000
+    path = write_config(tmp_path, settings, {"other": tracker(params={"status": "status"})})
+
+    result = cli("run", "-c", str(path))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"config error: {path}: server.port: Input should be less than or equal to 65535",
+    ]
+
+
+def test_run_with_a_broken_tracker_file_names_it(tmp_path: Path) -> None:
+    path = write_config(tmp_path, base_settings(), {"other": tracker(name="Not/Safe")})
+
+    result = cli("run", "-c", str(path))
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"config error: {tmp_path / 'trackers' / 'other.yaml'}: name: must be URL-safe: "
+        "lowercase letters, digits, '-' or '_', at most 64",
+    ]
+
+
+def test_run_on_a_port_already_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = base_settings()
+        settings["server"]["port"] = taken.getsockname()[1]
+
+        result = cli("run", "-c", str(write_config(tmp_path, settings)))
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("postback-bridge: ")
+    assert "address already in use" in last
+    assert str(settings["server"]["port"]) in last
+
+
+def test_run_with_an_unusable_storage_path_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "not-a-directory").write_text("")
+    settings = base_settings()
+    settings["storage"]["path"] = "not-a-directory/bridge.db"
+
+    result = cli("run", "-c", str(write_config(tmp_path, settings)))
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    database = tmp_path / "not-a-directory" / "bridge.db"
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"postback-bridge: storage.path: cannot open the database {database}: ")

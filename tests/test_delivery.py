@@ -1,0 +1,385 @@
+"""Delivery that loses nothing: retries, rate limits, held pixels, bad events, outages, expiry, leases."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+from yarl import URL
+
+from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
+from bridge.worker import LEASE_SECONDS
+from tests.conftest import MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
+
+# tiktok.timeout for these tests: a hanging TikTok is given up on quickly.
+TIMEOUT = 0.3
+
+
+def short_timeout(settings: dict[str, Any]) -> None:
+    settings["tiktok"]["timeout"] = TIMEOUT
+
+
+async def lead(bridge: Bridge, click_id: str, pixel: str | None = None) -> int:
+    """A conversion with a ttclid; `pixel` routes it through its click. Returns the conversion id."""
+    if pixel is not None:
+        assert await bridge.click(click_id=click_id, pixel=pixel) == 204
+    status, body = await bridge.postback(
+        "keitaro", subid=click_id, external_id=f"E.C.P.{click_id}", status="lead"
+    )
+    assert status == 200 and body["result"] == "accepted", body
+    return body["conversion_id"]
+
+
+async def retry_when_due(bridge: Bridge) -> None:
+    """Move the clock to the next event's retry time and run the worker then."""
+    due = await bridge.store.next_due_at()
+    assert due is not None, "nothing is waiting"
+    bridge.clock.advance(max(0.0, due - bridge.clock()) + 0.01)
+    await bridge.deliver()
+
+
+async def state_of(bridge: Bridge, conversion_id: int) -> str:
+    return (await bridge.row(conversion_id))["state"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("50002", "Internal error"),
+        ("40700", "retry later"),
+        ("502html", "HTTP 502"),
+        ("nonjson", "non-JSON body"),
+        ("reset", "connection error"),
+        ("hang", "timeout"),
+    ],
+)
+async def test_transient_failure_is_retried_after_backoff_until_delivered(
+    make_bridge: BridgeFactory, kind: str, error: str
+) -> None:
+    bridge = await make_bridge(edit=short_timeout)
+    bridge.fake.hang_seconds = 10 * TIMEOUT
+    bridge.fake.fail_next(2, kind)
+    conversion_id = await lead(bridge, "t1")
+
+    await bridge.deliver()
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["attempts"]) == ("pending", 1)
+    assert error in row["last_error"]
+    assert row["next_attempt_at"] > bridge.clock()
+
+    await retry_when_due(bridge)
+    assert (await bridge.row(conversion_id))["attempts"] == 2
+    await retry_when_due(bridge)
+
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["attempts"], row["last_error"]) == ("delivered", 3, None)
+    assert bridge.fake.event_ids() == ["t1_Lead"]
+
+
+async def test_an_event_is_not_retried_before_its_backoff_has_passed(bridge: Bridge) -> None:
+    bridge.fake.fail_next(1, "50002")
+    conversion_id = await lead(bridge, "t2")
+    await bridge.deliver()
+
+    bridge.clock.advance(Backoff().delay(1, 0.5) / 2)
+    await bridge.deliver()
+
+    assert len(bridge.fake.requests) == 1
+    assert await state_of(bridge, conversion_id) == "pending"
+
+
+async def test_after_max_attempts_the_event_fails_with_the_last_error(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 3}))
+    bridge.fake.fail_next(2, "502html")
+    bridge.fake.fail_next(5, "50002")
+    conversion_id = await lead(bridge, "t3")
+
+    await bridge.deliver()
+    for _ in range(2):
+        await retry_when_due(bridge)
+
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["attempts"], row["last_code"]) == ("failed", 3, 50002)
+    assert row["last_error"] == "gave up after 3 attempts: Internal error"
+    assert await bridge.store.next_due_at() is None
+    assert bridge.fake.received == []
+
+
+async def test_rate_limit_answers_never_use_up_attempts(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 2}))
+    bridge.fake.fail_next(3, "40100")
+    bridge.fake.fail_next(2, "429")
+    conversion_id = await lead(bridge, "r1")
+
+    await bridge.deliver()
+    for _ in range(5):
+        row = await bridge.row(conversion_id)
+        assert (row["state"], row["attempts"]) == ("pending", 0)
+        await retry_when_due(bridge)
+
+    assert (await bridge.row(conversion_id))["state"] == "delivered"
+    assert bridge.fake.event_ids() == ["r1_Lead"]
+
+
+async def test_a_rate_limited_pixel_waits_before_its_next_request(bridge: Bridge) -> None:
+    bridge.fake.fail_next(1, "40100")
+    await lead(bridge, "r2")
+    await bridge.deliver()
+    await lead(bridge, "r3")
+
+    # Not a moment later: the pixel was told to slow down.
+    await bridge.deliver()
+    assert len(bridge.fake.requests) == 1
+
+    bridge.clock.advance(5)
+    await bridge.deliver()
+    assert sorted(bridge.fake.event_ids()) == ["r2_Lead", "r3_Lead"]
+
+
+async def test_a_rate_limited_pixel_does_not_send_the_rest_of_its_queue_at_once(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(batch_size=2))
+    for i in range(6):
+        await lead(bridge, f"q{i}")
+    bridge.fake.fail_next(1, "40100")
+
+    await bridge.deliver()
+
+    assert len(bridge.fake.requests) == 1
+    assert await bridge.states() == {"pending": 6}
+
+
+async def test_a_rate_limited_pixel_speeds_up_again_as_requests_succeed(bridge: Bridge) -> None:
+    bridge.fake.fail_next(3, "40100")
+    await lead(bridge, "s0")
+    await bridge.deliver()
+    for _ in range(2):
+        await retry_when_due(bridge)
+    pacer = bridge.worker.pacers["main"]
+    slowest = pacer.rate
+
+    for i in range(1, 6):
+        bridge.clock.advance(1 / pacer.rate)
+        await lead(bridge, f"s{i}")
+        await bridge.deliver()
+
+    assert len(set(bridge.fake.event_ids())) == 6
+    assert pacer.rate > slowest
+
+
+async def test_a_token_error_holds_that_pixel_while_the_other_keeps_delivering(bridge: Bridge) -> None:
+    bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
+    held = [await lead(bridge, f"h{i}", pixel=SECOND_CODE) for i in range(3)]
+    await lead(bridge, "m1")
+
+    await bridge.deliver()
+    await lead(bridge, "m2")
+    await bridge.deliver()
+
+    assert sorted(bridge.fake.event_ids()) == ["m1_Lead", "m2_Lead"]
+    for conversion_id in held:
+        row = await bridge.row(conversion_id)
+        assert (row["state"], row["attempts"], row["last_code"]) == ("pending", 0, 40001)
+        assert "No permission" in row["last_error"]
+
+
+async def test_a_held_pixel_is_probed_slowly_and_its_events_never_fail(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 2}))
+    bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
+    conversion_id = await lead(bridge, "h1", pixel=SECOND_CODE)
+
+    hour = 3600
+    for _ in range(hour // 30):
+        await bridge.deliver()
+        bridge.clock.advance(30)
+
+    probes = [r for r in bridge.fake.requests if r.pixel == SECOND_CODE]
+    assert hour / HELD_PIXEL_RETRY - 1 <= len(probes) <= hour / HELD_PIXEL_RETRY + 1
+    assert {r.answer_code for r in probes} == {40001}
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["attempts"]) == ("pending", 0)
+
+
+async def test_a_held_pixel_delivers_what_it_held_once_tiktok_accepts_the_token(bridge: Bridge) -> None:
+    bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
+    held = [await lead(bridge, f"h{i}", pixel=SECOND_CODE) for i in range(3)]
+    await bridge.deliver()
+
+    # The advertiser grants the token its rights again in TikTok's Events Manager.
+    bridge.fake.set_token(SECOND_CODE, SECOND_TOKEN)
+    bridge.clock.advance(HELD_PIXEL_RETRY)
+    await bridge.deliver()
+
+    assert sorted(bridge.fake.event_ids()) == ["h0_Lead", "h1_Lead", "h2_Lead"]
+    assert [await state_of(bridge, i) for i in held] == ["delivered"] * 3
+
+
+async def test_a_held_pixel_is_logged_as_an_error_without_its_token(bridge: Bridge) -> None:
+    bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
+    await lead(bridge, "h1", pixel=SECOND_CODE)
+
+    with capture_logs() as logs:
+        await bridge.deliver()
+
+    [held] = [line for line in logs if line["event"].startswith("pixel held")]
+    assert held["log_level"] == "error"
+    assert (held["pixel"], held["code"]) == ("second", 40001)
+    assert SECOND_TOKEN not in repr(logs) and MAIN_TOKEN not in repr(logs)
+
+
+async def test_a_bad_event_fails_alone_with_tiktoks_message_and_its_batch_is_delivered(
+    bridge: Bridge,
+) -> None:
+    ids = [await lead(bridge, f"b{i}") for i in range(8)]
+    bridge.fake.poison("b5_Lead", "value must be a number")
+
+    await bridge.deliver()
+
+    assert sorted(bridge.fake.event_ids()) == sorted(f"b{i}_Lead" for i in range(8) if i != 5)
+    bad = await bridge.row(ids[5])
+    assert (bad["state"], bad["last_code"]) == ("failed", 40002)
+    assert "value must be a number" in bad["last_error"]
+    assert await bridge.states() == {"delivered": 7, "failed": 1}
+
+
+async def test_two_bad_events_in_one_batch_both_fail_and_only_they(bridge: Bridge) -> None:
+    for i in range(10):
+        await lead(bridge, f"b{i}")
+    bridge.fake.poison("b2_Lead")
+    bridge.fake.poison("b7_Lead")
+
+    await bridge.deliver()
+
+    failed = await bridge.store.fetchall("SELECT event_id FROM conversions WHERE state = 'failed'")
+    assert sorted(row["event_id"] for row in failed) == ["b2_Lead", "b7_Lead"]
+    assert len(set(bridge.fake.event_ids())) == 8
+
+
+async def test_a_bad_event_is_found_by_splitting_when_tiktok_does_not_say_which(
+    make_bridge: BridgeFactory, aiohttp_server: Any
+) -> None:
+    # A TikTok whose 40002 names no event: only splitting the batch can find the bad one.
+    received: list[str] = []
+
+    async def track(request: web.Request) -> web.Response:
+        ids = [event["event_id"] for event in (await request.json())["data"]]
+        if "b3_Lead" in ids:
+            return web.json_response({"code": 40002, "message": "Invalid parameter", "request_id": "r"})
+        received.extend(ids)
+        return web.json_response({"code": 0, "message": "OK", "request_id": "r"})
+
+    app = web.Application()
+    app.router.add_post("/open_api/v1.3/event/track/", track)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    endpoint = str(server.make_url("/open_api/v1.3/event/track/"))
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(endpoint=endpoint))
+    for i in range(9):
+        await lead(bridge, f"b{i}")
+
+    await bridge.deliver()
+
+    assert sorted(received) == sorted(f"b{i}_Lead" for i in range(9) if i != 3)
+    assert await bridge.states() == {"delivered": 8, "failed": 1}
+
+
+async def test_an_event_too_old_when_due_expires_and_is_never_sent(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_event_age": 3600}))
+    conversion_id = await lead(bridge, "old")
+    bridge.clock.advance(3601)
+
+    await bridge.deliver()
+
+    row = await bridge.row(conversion_id)
+    assert row["state"] == "expired"
+    assert "max_event_age" in row["last_error"]
+    assert bridge.fake.requests == []
+
+
+async def test_an_event_that_grows_too_old_while_retrying_expires(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_event_age": 60}))
+    bridge.fake.fail_next(1, "50002")
+    conversion_id = await lead(bridge, "aging")
+    await bridge.deliver()
+
+    bridge.clock.advance(61)
+    await bridge.deliver()
+
+    assert await state_of(bridge, conversion_id) == "expired"
+    assert len(bridge.fake.requests) == 1
+
+
+async def test_a_leased_event_is_sent_again_once_its_lease_runs_out(bridge: Bridge) -> None:
+    conversion_id = await lead(bridge, "lease")
+    # A worker claimed it and died before recording anything.
+    [claimed] = await bridge.store.claim_due(bridge.clock(), 10, LEASE_SECONDS)
+    assert claimed["id"] == conversion_id
+
+    await bridge.deliver()
+    assert bridge.fake.requests == []
+
+    bridge.clock.advance(LEASE_SECONDS)
+    await bridge.deliver()
+    assert bridge.fake.event_ids() == ["lease_Lead"]
+    assert await state_of(bridge, conversion_id) == "delivered"
+
+
+def attempts_made(bridge: Bridge) -> float:
+    """Requests sent to TikTok so far, as /metrics counts them."""
+    return sum(
+        sample.value
+        for metric in bridge.runtime.metrics.attempts.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def test_a_fifteen_minute_outage_drains_within_a_minute_of_recovery(bridge: Bridge) -> None:
+    bridge.worker.rand = random.Random(15).random
+    fake = bridge.fake
+    port = URL(fake.url).port
+    start = bridge.clock()
+    recovery = start + 15 * 60
+    step = 1.0
+    conversions: list[int] = []
+    request_times: list[float] = []
+
+    await fake.close()  # TikTok unreachable: every request is refused
+    down = True
+    while bridge.clock() < recovery + 5 * 60 and len(fake.received) < 20:
+        elapsed = bridge.clock() - start
+        # Conversions keep arriving during the first ten minutes of the outage.
+        if len(conversions) < 20 and elapsed >= len(conversions) * 30:
+            conversions.append(await lead(bridge, f"o{len(conversions)}"))
+        if down and bridge.clock() >= recovery:
+            await fake.start("127.0.0.1", port)
+            down = False
+        before = attempts_made(bridge)
+        await bridge.deliver()
+        if attempts_made(bridge) > before:
+            request_times.append(bridge.clock())
+        bridge.clock.advance(step)
+
+    assert sorted(fake.event_ids()) == sorted(f"o{i}_Lead" for i in range(20))
+    assert await bridge.states() == {"delivered": 20}
+    # While TikTok was down it was asked again at least every RECOVERY_PROBE.cap seconds ...
+    gaps = [b - a for a, b in itertools.pairwise(request_times)]
+    assert max(gaps) <= RECOVERY_PROBE.cap + step
+    # ... so everything waiting went out within a minute of its recovery,
+    assert request_times[-1] - recovery <= RECOVERY_PROBE.cap + step
+    # ... and no event came near its max_attempts (20 by default).
+    rows = await bridge.store.fetchall("SELECT MAX(attempts) AS most FROM conversions")
+    assert rows[0]["most"] <= most_tries(recovery - start) < 20
+
+
+def most_tries(seconds: float) -> int:
+    """How many times one event can be tried in `seconds` when every try fails, at the shortest jitter."""
+    backoff, at, tries = Backoff(), 0.0, 1
+    while at + backoff.delay(tries, 0.0) <= seconds:
+        at += backoff.delay(tries, 0.0)
+        tries += 1
+    return tries + 1  # and the one that succeeds

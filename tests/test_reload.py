@@ -1,0 +1,133 @@
+"""SIGHUP reloads (a fixed token frees a held pixel, a broken config is refused); SIGTERM stops cleanly."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.conftest import SECOND_CODE, SECOND_TOKEN, BridgeFactory, base_settings, write_config
+from tests.daemon_proc import DaemonProcess, free_port
+from tests.fake_tiktok import FakeTikTok
+
+WRONG_TOKEN = "a-token-tiktok-refuses-0000"
+
+
+@pytest.fixture
+def settings(fake: FakeTikTok) -> dict[str, Any]:
+    settings = base_settings(fake.url)
+    settings["server"]["port"] = free_port()
+    return settings
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, settings: dict[str, Any]) -> AsyncIterator[DaemonProcess]:
+    """The daemon, not yet started; its config is written when the test starts it."""
+    proc = DaemonProcess(tmp_path / "bridge.yaml", settings["server"]["port"])
+    yield proc
+    proc.stop()
+
+
+async def start(daemon: DaemonProcess, settings: dict[str, Any]) -> None:
+    write_config(daemon.config.parent, settings)
+    daemon.start()
+    await daemon.wait_ready()
+
+
+def rewrite(daemon: DaemonProcess, settings: dict[str, Any]) -> None:
+    daemon.config.write_text(yaml.safe_dump(settings))
+
+
+async def lead(daemon: DaemonProcess, click_id: str, pixel: str | None = None) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        if pixel is not None:
+            async with session.get(
+                f"{daemon.url}/click", params={"click_id": click_id, "pixel": pixel}
+            ) as resp:
+                assert resp.status == 204
+        params = {"subid": click_id, "external_id": f"E.C.P.{click_id}", "status": "lead"}
+        async with session.get(f"{daemon.url}/postback/keitaro", params=params) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+
+def rows(daemon: DaemonProcess) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(daemon.config.parent / "bridge.db")
+    try:
+        return db.execute("SELECT event_id, state, lease_until FROM conversions ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_held_pixel_delivers_everything_it_held_once_sighup_loads_a_fixed_token(
+    daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
+) -> None:
+    settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
+    await start(daemon, settings)
+    for i in range(3):
+        await lead(daemon, f"h{i}", pixel=SECOND_CODE)
+    await daemon.wait_log(lambda line: line["event"].startswith("pixel held"))
+
+    settings["pixels"]["second"]["access_token"] = SECOND_TOKEN
+    rewrite(daemon, settings)
+    daemon.signal(signal.SIGHUP)
+
+    # Promptly: well before the next slow probe of the held pixel (HELD_PIXEL_RETRY, 5 minutes).
+    await fake.wait_for(lambda: {"h0_Lead", "h1_Lead", "h2_Lead"} <= set(fake.event_ids()), timeout=10)
+    assert {r.token for r in fake.requests if r.pixel == SECOND_CODE} == {WRONG_TOKEN, SECOND_TOKEN}
+
+
+async def test_an_invalid_config_on_sighup_is_refused_with_its_reason_and_the_old_one_keeps_running(
+    daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
+) -> None:
+    await start(daemon, settings)
+    broken = {**settings, "tiktok": {**settings["tiktok"], "timout": 5}}
+    rewrite(daemon, broken)
+    daemon.signal(signal.SIGHUP)
+
+    refused = await daemon.wait_log(lambda line: line["event"].startswith("reload refused"))
+    assert refused["level"] == "error"
+    assert "tiktok.timout" in refused["problem"] and "unknown key" in refused["problem"]
+    body = await lead(daemon, "after")
+    assert body["result"] == "accepted"
+    await fake.wait_for(lambda: "after_Lead" in fake.event_ids())
+
+
+async def test_sigterm_lets_an_in_flight_send_end_then_exits_0_leaving_no_lease(
+    daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
+) -> None:
+    # TikTok hangs; the request gives up after tiktok.timeout (2 s), within the stop grace.
+    fake.hang_seconds = 30
+    fake.fail_next(1, "hang")
+    await start(daemon, settings)
+    await lead(daemon, "inflight")
+    await fake.wait_for(lambda: len(fake.requests) == 1)
+
+    daemon.signal(signal.SIGTERM)
+
+    assert await daemon.wait_exit(timeout=20) == 0
+    assert rows(daemon) == [("inflight_Lead", "pending", None)]
+
+
+async def test_a_send_still_hanging_at_shutdown_has_its_lease_released(
+    make_bridge: BridgeFactory, fake: FakeTikTok
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(timeout=60))
+    bridge.worker.stop_grace = 0.2
+    fake.hang_seconds = 60
+    fake.fail_next(1, "hang")
+    bridge.worker.start()
+    _, body = await bridge.postback("keitaro", subid="stuck", external_id="E.C.P.stuck", status="lead")
+    await fake.wait_for(lambda: len(fake.requests) == 1)
+
+    await bridge.worker.stop()
+
+    row = await bridge.row(body["conversion_id"])
+    assert (row["state"], row["lease_until"], row["attempts"]) == ("pending", None, 0)
+    assert row["next_attempt_at"] <= bridge.clock()
