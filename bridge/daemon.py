@@ -123,7 +123,7 @@ class Daemon:
             except Exception as exc:
                 log.exception("reload failed", error=repr(exc))
                 # Without READY=1 systemd would show the unit as reloading for good.
-                self.notifier.reloaded()
+                self.notifier.reloaded(status="reload failed (see the journal)")
 
     async def reload(self) -> bool:
         """Swap in the new config and trackers atomically; keep the old ones if the new are invalid."""
@@ -135,7 +135,11 @@ class Daemon:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload refused: keeping the running config", problem=problem)
-            self.notifier.reloaded()
+            # `systemctl status` shows this line: `systemctl reload` itself cannot tell.
+            self.notifier.reloaded(
+                status=f"reload refused ({len(exc.problems)} problem(s), see the journal); "
+                "running on the previous config"
+            )
             return False
         unchangeable = [
             name
@@ -162,7 +166,9 @@ class Daemon:
             log.warning("config", problem=warning)
         log.info("reloaded", trackers=sorted(new.trackers), pixels=sorted(new.settings.pixels))
         self.runtime.store.committed.set()
-        self.notifier.reloaded()
+        # The address bound at start: server.host and server.port change only with a restart.
+        host = self.config.settings.server.host
+        self.notifier.reloaded(status=f"listening on {host}:{self.port}; config reloaded")
         return True
 
     async def _prune_loop(self) -> None:

@@ -97,8 +97,8 @@ class Notifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
-    def reloaded(self) -> None:
-        self.notify("READY=1")
+    def reloaded(self, status: str | None = None) -> None:
+        self.ready(status)
 
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")

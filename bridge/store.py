@@ -7,14 +7,16 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from bridge.mapping import Click, Conversion
+
+_T = TypeVar("_T")
 
 # Each entry moves the schema one version up; the first is the first release's schema.
 MIGRATIONS: tuple[str, ...] = (
@@ -394,19 +396,7 @@ class Store:
         batch = self._batch
         try:
             async with self._lock:
-                db = self.db
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    if clicks:
-                        await self._upsert_clicks(clicks, now)
-                    results = await self._insert_conversions(conversions, batch, now) if conversions else {}
-                    await db.execute("COMMIT")
-                except BaseException:
-                    # A failed ROLLBACK (disk gone) must not hide the first error or kill the writer.
-                    with contextlib.suppress(sqlite3.Error):
-                        if db.in_transaction:
-                            await db.execute("ROLLBACK")
-                    raise
+                results = await self._on_db_thread(_write_group, clicks, conversions, batch, now)
         except Exception as exc:  # the writer must survive anything: every waiter gets its answer
             error = StoreUnavailable(f"could not commit: {exc}")
             for _, fut in work:
@@ -420,93 +410,16 @@ class Store:
         if any(r.result == "accepted" for r in results.values()):
             self.committed.set()
 
-    async def _upsert_clicks(self, clicks: list[Click], now: float) -> None:
-        text = _json_rows([[c.click_id, *(getattr(c, f) for f in CLICK_FIELDS)] for c in clicks])
-        if text is None:
-            await self.db.executemany(_CLICK_UPSERT, [_click_row(c, now) for c in clicks])
-        else:
-            await self.db.execute(_CLICKS_UPSERT_JSON, {"rows": text, "now": now})
+    async def _on_db_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(connection, *args)` on the database's thread, as one call.
 
-    async def _insert_conversions(
-        self, conversions: list[Conversion], batch: int, now: float
-    ) -> dict[int, Ingested]:
-        """Insert a group's conversions: each round one statement, then one query for all the ids."""
-        rounds = [_json_rows([_conversion_values(c) for c in part]) for part in _rounds(conversions)]
-        if any(text is None for text in rounds):
-            return await self._insert_conversions_rowwise(conversions, batch, now)
+        A group's transaction is one call, not an await per statement: each await is a hop to that
+        thread and back, and under load every hop back waits for a full turn of the busy event loop,
+        so four hops made a commit take milliseconds of waiting for microseconds of work. aiosqlite
+        has no public call for this; `_execute` is the one its own methods all go through.
+        """
         db = self.db
-        for text in rounds:
-            await db.execute(_CONVERSIONS_INSERT_JSON, {"rows": text, "now": now, "batch": batch})
-        inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
-        for row in json.loads((await db.execute_fetchall(_INSERTED, (batch,)))[0][0]):
-            inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
-        results: dict[int, Ingested] = {}
-        claimed: set[tuple[str, str, str, str]] = set()
-        repeats: list[tuple[Conversion, tuple[str, str, str, str]]] = []
-        for conv in conversions:
-            if conv.event is None:
-                results[id(conv)] = Ingested("ignored")
-                continue
-            key = (conv.tracker, conv.click_id, conv.event, conv.transaction_id)
-            if key in inserted and key not in claimed:
-                claimed.add(key)
-                conversion_id, event_id = inserted[key]
-                results[id(conv)] = Ingested("accepted", conversion_id, event_id)
-                continue
-            repeats.append((conv, key))
-        if repeats:
-            keys = json.dumps([key for _, key in repeats])
-            existing = {
-                (row[0], row[1], row[2], row[3]): (row[4], row[5])
-                for row in json.loads((await db.execute_fetchall(_EXISTING, (keys,)))[0][0])
-            }
-            for conv, key in repeats:
-                if key not in existing:  # cannot happen inside the transaction; refuse rather than lie
-                    raise StoreUnavailable("conversion vanished during commit")
-                results[id(conv)] = Ingested("duplicate", *existing[key])
-        return results
-
-    async def _insert_conversions_rowwise(
-        self, conversions: list[Conversion], batch: int, now: float
-    ) -> dict[int, Ingested]:
-        """The statement-per-row path, for the rare group that JSON cannot carry."""
-        db = self.db
-        rows = [_conversion_row(c, batch, now) for c in conversions]
-        await db.executemany(_CONVERSION_INSERT, rows)
-        inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
-        async with db.execute(
-            "SELECT id, tracker, click_id, event, transaction_id, event_id FROM conversions "
-            "WHERE ingest_batch = ? AND event IS NOT NULL",
-            (batch,),
-        ) as cursor:
-            async for row in cursor:
-                inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
-        results: dict[int, Ingested] = {}
-        claimed: set[tuple[str, str, str, str]] = set()
-        for conv in conversions:
-            if conv.event is None:
-                results[id(conv)] = Ingested("ignored")
-                continue
-            key = (conv.tracker, conv.click_id, conv.event, conv.transaction_id)
-            if key in inserted and key not in claimed:
-                claimed.add(key)
-                conversion_id, event_id = inserted[key]
-                results[id(conv)] = Ingested("accepted", conversion_id, event_id)
-                continue
-            row = await self._scalar_row(
-                "SELECT id, event_id FROM conversions WHERE tracker = ? AND click_id = ? AND event = ? "
-                "AND transaction_id = ?",
-                key,
-            )
-            if row is None:  # cannot happen inside the transaction; refuse rather than lie
-                raise StoreUnavailable("conversion vanished during commit")
-            results[id(conv)] = Ingested("duplicate", row[0], row[1])
-        return results
-
-    async def _scalar_row(self, sql: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
-        async with self.db.execute(sql, params) as cursor:
-            row = await cursor.fetchone()
-        return tuple(row) if row else None
+        return await db._execute(lambda: fn(db._conn, *args))
 
     # -- delivery queue ---------------------------------------------------------------------------------
 
@@ -629,17 +542,25 @@ class Store:
                 )
             return cursor.rowcount
 
-    async def bring_forward(self, now: float, pixel: str) -> int | None:
-        """Make the pixel's next waiting event due now (an outage probe); its id, or None if none waits."""
-        async with self._lock, self.db.execute(
-            "UPDATE conversions SET next_attempt_at = :now WHERE id = ("
-            "  SELECT id FROM conversions WHERE state = 'pending' AND sent_pixel = :pixel"
-            "    AND next_attempt_at > :now AND (lease_until IS NULL OR lease_until <= :now)"
-            "  ORDER BY next_attempt_at LIMIT 1) RETURNING id",
-            {"now": now, "pixel": pixel},
-        ) as cursor:
-            row = await cursor.fetchone()
-        return row[0] if row else None
+    async def bring_forward(self, now: float, pixel: str) -> tuple[int, float] | None:
+        """Make the pixel's next waiting event due now (an outage probe).
+
+        Returns its id and when it was due before, or None when none of the pixel's events waits.
+        """
+        async with self._lock:
+            async with self.db.execute(
+                "SELECT id, next_attempt_at FROM conversions WHERE state = 'pending' AND sent_pixel = ? "
+                "AND next_attempt_at > ? AND (lease_until IS NULL OR lease_until <= ?) "
+                "ORDER BY next_attempt_at LIMIT 1",
+                (pixel, now, now),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return None
+            await self.db.execute(
+                "UPDATE conversions SET next_attempt_at = ? WHERE id = ? AND state = 'pending'", (now, row[0])
+            )
+        return row[0], row[1]
 
     # -- inspection and maintenance ---------------------------------------------------------------------
 
@@ -673,6 +594,107 @@ class Store:
                 cursor = await self.db.execute(sql + " AND id = ?", (now, conversion_id))
                 total += cursor.rowcount
             return total
+
+
+def _write_group(
+    db: sqlite3.Connection, clicks: list[Click], conversions: list[Conversion], batch: int, now: float
+) -> dict[int, Ingested]:
+    """One group in one transaction, on the database thread; the results by id() of each conversion."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if clicks:
+            _upsert_clicks(db, clicks, now)
+        results = _insert_conversions(db, conversions, batch, now) if conversions else {}
+        db.execute("COMMIT")
+    except BaseException:
+        # A failed ROLLBACK (disk gone) must not hide the first error or kill the writer.
+        with contextlib.suppress(sqlite3.Error):
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _upsert_clicks(db: sqlite3.Connection, clicks: list[Click], now: float) -> None:
+    text = _json_rows([[c.click_id, *(getattr(c, f) for f in CLICK_FIELDS)] for c in clicks])
+    if text is None:
+        db.executemany(_CLICK_UPSERT, [_click_row(c, now) for c in clicks])
+    else:
+        db.execute(_CLICKS_UPSERT_JSON, {"rows": text, "now": now})
+
+
+def _insert_conversions(
+    db: sqlite3.Connection, conversions: list[Conversion], batch: int, now: float
+) -> dict[int, Ingested]:
+    """Each round one statement, then one query for every id: a few steps for the whole group."""
+    rounds = [_json_rows([_conversion_values(c) for c in part]) for part in _rounds(conversions)]
+    if any(text is None for text in rounds):
+        return _insert_conversions_rowwise(db, conversions, batch, now)
+    for text in rounds:
+        db.execute(_CONVERSIONS_INSERT_JSON, {"rows": text, "now": now, "batch": batch})
+    inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
+    for row in json.loads(db.execute(_INSERTED, (batch,)).fetchone()[0]):
+        inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
+    results: dict[int, Ingested] = {}
+    claimed: set[tuple[str, str, str, str]] = set()
+    repeats: list[tuple[Conversion, tuple[str, str, str, str]]] = []
+    for conv in conversions:
+        if conv.event is None:
+            results[id(conv)] = Ingested("ignored")
+            continue
+        key = (conv.tracker, conv.click_id, conv.event, conv.transaction_id)
+        if key in inserted and key not in claimed:
+            claimed.add(key)
+            conversion_id, event_id = inserted[key]
+            results[id(conv)] = Ingested("accepted", conversion_id, event_id)
+            continue
+        repeats.append((conv, key))
+    if repeats:
+        keys = json.dumps([key for _, key in repeats])
+        existing = {
+            (row[0], row[1], row[2], row[3]): (row[4], row[5])
+            for row in json.loads(db.execute(_EXISTING, (keys,)).fetchone()[0])
+        }
+        for conv, key in repeats:
+            if key not in existing:  # cannot happen inside the transaction; refuse rather than lie
+                raise StoreUnavailable("conversion vanished during commit")
+            results[id(conv)] = Ingested("duplicate", *existing[key])
+    return results
+
+
+def _insert_conversions_rowwise(
+    db: sqlite3.Connection, conversions: list[Conversion], batch: int, now: float
+) -> dict[int, Ingested]:
+    """The statement-per-row path, for the rare group that JSON cannot carry."""
+    db.executemany(_CONVERSION_INSERT, [_conversion_row(c, batch, now) for c in conversions])
+    inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
+    for row in db.execute(
+        "SELECT id, tracker, click_id, event, transaction_id, event_id FROM conversions "
+        "WHERE ingest_batch = ? AND event IS NOT NULL",
+        (batch,),
+    ):
+        inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
+    results: dict[int, Ingested] = {}
+    claimed: set[tuple[str, str, str, str]] = set()
+    for conv in conversions:
+        if conv.event is None:
+            results[id(conv)] = Ingested("ignored")
+            continue
+        key = (conv.tracker, conv.click_id, conv.event, conv.transaction_id)
+        if key in inserted and key not in claimed:
+            claimed.add(key)
+            conversion_id, event_id = inserted[key]
+            results[id(conv)] = Ingested("accepted", conversion_id, event_id)
+            continue
+        row = db.execute(
+            "SELECT id, event_id FROM conversions WHERE tracker = ? AND click_id = ? AND event = ? "
+            "AND transaction_id = ?",
+            key,
+        ).fetchone()
+        if row is None:  # cannot happen inside the transaction; refuse rather than lie
+            raise StoreUnavailable("conversion vanished during commit")
+        results[id(conv)] = Ingested("duplicate", row[0], row[1])
+    return results
 
 
 def _json_rows(rows: list[list[Any]]) -> str | None:

@@ -403,15 +403,16 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
 
 class _MalformedRequests(logging.Filter):
     """aiohttp logs a request it cannot parse (raw bytes in the URL, a header past 8 KiB, TLS on the
-    plain port) as an error with a traceback, and its message quotes the request line, postback key
-    and all. The sender is at fault, not the bridge: one warning line, without either."""
+    plain port, a body that does not decompress) as an error with a traceback, and its message quotes
+    the request line, postback key and all. The sender is at fault, not the bridge: one warning line,
+    without either."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
             peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            record.msg = "malformed HTTP request from %s refused with 400: %s"
-            record.args = (peer, type(exc).__name__)
+            record.msg = "malformed HTTP request from %s refused: %s"
+            record.args = (peer, type(exc.__cause__ or exc).__name__)
             record.exc_info = None
             record.exc_text = None
             record.levelno = min(record.levelno, logging.WARNING)

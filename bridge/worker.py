@@ -86,8 +86,9 @@ class Worker:
         # a restart forgets it and every event simply follows its own schedule in the database.
         self.held_until: dict[str, float] = {}
         self.outages: dict[str, Outage] = {}
-        # Events brought forward as an outage probe: a failed probe does not use up one of their attempts.
-        self._probes: set[int] = set()
+        # Events brought forward as an outage probe, and when they were due by their own schedule:
+        # a failed probe neither uses up one of their attempts nor moves that schedule.
+        self._probes: dict[int, float] = {}
         self._health_loaded = False
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -180,7 +181,8 @@ class Worker:
         outcomes = await self._handle(rows, now)
         await store.apply(outcomes, self.clock())
         self._in_flight.difference_update(ids)
-        self._probes.difference_update(ids)
+        for conversion_id in ids:
+            self._probes.pop(conversion_id, None)
         by_id = {row["id"]: row for row in rows}
         for outcome in outcomes:
             if outcome.state != PENDING:
@@ -265,12 +267,13 @@ class Worker:
                 continue
             # The next probe, in case this one never gets an answer (paced, or the cycle fails).
             outage.probe_at = now + RECOVERY_PROBE.delay(max(1, outage.failures), self.rand())
-            conversion_id = await self.runtime.store.bring_forward(now, pixel)
-            if conversion_id is None:
+            probe = await self.runtime.store.bring_forward(now, pixel)
+            if probe is None:
                 # Nothing of this pixel waits: the next new event finds out whether TikTok is back.
                 del self.outages[pixel]
                 continue
-            self._probes.add(conversion_id)
+            conversion_id, due_at = probe
+            self._probes[conversion_id] = due_at
             probed += 1
         return probed
 
@@ -289,6 +292,10 @@ class Worker:
             outage = self.outages.get(pixel)
             if index and outage is not None:
                 wait_until = max(wait_until, outage.probe_at)
+            if index and self._stopping.is_set():
+                # Shutting down: what is not on its way yet stays due, for the next start.
+                outcomes.extend(self._wait(item, pixel, now) for rest in chunks[index:] for item in rest)
+                break
             if index and wait_until > now + GATE_SLACK_SECONDS:
                 # The last answer slowed the pixel down, held it or failed: the rest of this cycle's
                 # batches wait rather than repeating the same answer (each after a timeout, maybe).
@@ -425,13 +432,11 @@ class Worker:
         )
 
     def _transient(self, item: Item, pixel: str, answer: Answer, now: float) -> Outcome:
-        attempts = item.row["attempts"]
-        if item.row["id"] in self._probes:
-            # Brought forward early to see whether TikTok is back: its own schedule was not due yet.
-            return self._retry(
-                item, pixel, answer, now + self.backoff.delay(max(1, attempts), self.rand()), count=False
-            )
-        attempts += 1
+        due_at = self._probes.get(item.row["id"])
+        if due_at is not None:
+            # Brought forward to see whether TikTok is back: its own try is still to come, as planned.
+            return self._retry(item, pixel, answer, max(due_at, now), count=False)
+        attempts = item.row["attempts"] + 1
         if attempts >= self.runtime.config.settings.delivery.max_attempts:
             outcome = self._finished(item, FAILED, pixel, answer)
             return dataclasses.replace(outcome, error=f"gave up after {attempts} attempts: {answer.message}")

@@ -120,6 +120,19 @@ async def test_stats_shows_a_pixel_healthy_again_after_its_token_is_accepted(
     assert {k: v for k, v in second["states"].items() if v} == {"delivered": 2}
 
 
+async def test_stats_shows_a_pixel_held_before_a_restart_healthy_once_it_delivers_again(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What the previous run of the daemon recorded before it stopped; this run starts afresh.
+    await bridge.store.set_pixel_status("second", False, 40001, "No permission", bridge.clock())
+    await lead(bridge, "back", SECOND_CODE)
+    await bridge.deliver()
+
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+
+    assert json.loads(out)["pixels"]["second"]["healthy"] is True
+
+
 async def test_failed_list_json_shows_dead_letters_with_tiktoks_message(
     bridge: Bridge, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -383,3 +383,28 @@ def most_tries(seconds: float) -> int:
         at += backoff.delay(tries, 0.0)
         tries += 1
     return tries + 1  # and the one that succeeds
+
+
+async def test_outage_probes_leave_an_events_own_retries_and_attempts_alone(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 8}))
+    await bridge.fake.close()  # TikTok unreachable, for good
+    conversion_id = await lead(bridge, "p")
+    start = bridge.clock()
+    # The worker's jitter is pinned to its midpoint: the 8th and last try comes after these delays.
+    last_try = sum(Backoff().delay(n, 0.5) for n in range(1, 8))
+
+    while bridge.clock() < start + last_try - 1:
+        await bridge.deliver()
+        bridge.clock.advance(1)
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["attempts"]) == ("pending", 7)
+    # TikTok was probed between the event's own tries, at no cost to it.
+    assert attempts_made(bridge) > 7
+
+    bridge.clock.advance(2)
+    await bridge.deliver()
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["attempts"]) == ("failed", 8)
+    assert row["last_error"].startswith("gave up after 8 attempts: connection error")

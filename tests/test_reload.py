@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sqlite3
 from collections.abc import AsyncIterator
@@ -11,7 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
+from bridge.daemon import Daemon
+from bridge.sdnotify import Notifier
 from tests.conftest import SECOND_CODE, SECOND_TOKEN, BridgeFactory, base_settings, write_config
 from tests.daemon_proc import DaemonProcess, free_port
 from tests.fake_tiktok import FakeTikTok
@@ -131,3 +135,47 @@ async def test_a_send_still_hanging_at_shutdown_has_its_lease_released(
     row = await bridge.row(body["conversion_id"])
     assert (row["state"], row["lease_until"], row["attempts"]) == ("pending", None, 0)
     assert row["next_attempt_at"] <= bridge.clock()
+
+
+async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_once(
+    make_bridge: BridgeFactory, aiohttp_server: Any
+) -> None:
+    # A TikTok that answers the wrong token's request only after the test has reloaded the config.
+    arrived, answer = asyncio.Event(), asyncio.Event()
+    received: list[str] = []
+
+    async def track(request: web.Request) -> web.Response:
+        ids = [event["event_id"] for event in (await request.json())["data"]]
+        if request.headers["Access-Token"] != SECOND_TOKEN:
+            arrived.set()
+            await answer.wait()
+            return web.json_response({"code": 40001, "message": "No permission", "request_id": "r1"})
+        received.extend(ids)
+        return web.json_response({"code": 0, "message": "OK", "request_id": "r2"})
+
+    app = web.Application()
+    app.router.add_post("/open_api/v1.3/event/track/", track)
+    server = await aiohttp_server(app, host="127.0.0.1")
+
+    def wrong_token(settings: dict[str, Any]) -> None:
+        settings["tiktok"]["endpoint"] = str(server.make_url("/open_api/v1.3/event/track/"))
+        settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
+
+    bridge = await make_bridge(edit=wrong_token)
+    await bridge.click(click_id="race", pixel=SECOND_CODE)
+    await bridge.postback("keitaro", subid="race", external_id="E.C.P.race", status="lead")
+    sending = asyncio.create_task(bridge.deliver())
+    await asyncio.wait_for(arrived.wait(), 10)
+
+    settings = yaml.safe_load(bridge.config.path.read_text())
+    settings["pixels"]["second"]["access_token"] = SECOND_TOKEN
+    bridge.config.path.write_text(yaml.safe_dump(settings))
+    daemon = Daemon(bridge.config, notifier=Notifier.from_env({}))
+    daemon.runtime, daemon.worker = bridge.runtime, bridge.worker
+    assert await daemon.reload()
+    answer.set()
+    await sending
+
+    # The 40001 was for the old token: no five-minute hold, the new token is tried at once.
+    await bridge.deliver()
+    assert received == ["race_Lead"]

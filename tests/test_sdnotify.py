@@ -96,6 +96,13 @@ def test_reloaded_sends_ready_1(notifier: Notifier, listener: tuple[socket.socke
     assert received(listener) == ["READY=1"]
 
 
+def test_reloaded_with_status_says_how_the_reload_went(
+    notifier: Notifier, listener: tuple[socket.socket, str]
+) -> None:
+    notifier.reloaded("reload refused (1 problem(s), see the journal)")
+    assert received(listener) == ["READY=1", "STATUS=reload refused (1 problem(s), see the journal)"]
+
+
 def test_abstract_namespace_socket() -> None:
     name = f"postback-bridge-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

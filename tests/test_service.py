@@ -107,11 +107,11 @@ def postback_url(daemon: DaemonProcess, tracker: str) -> str:
     return f"{daemon.url}/postback/{tracker}?{ids}&status=sale"
 
 
-async def reload(daemon: DaemonProcess, notify: NotifySocket) -> None:
-    """SIGHUP, then wait for systemd's view of it: RELOADING=1, then READY=1 when it is over."""
+async def reload(daemon: DaemonProcess, notify: NotifySocket) -> list[str]:
+    """SIGHUP, then wait for systemd's view of it: RELOADING=1, then READY=1 (and a STATUS) when over."""
     daemon.signal(signal.SIGHUP)
     await notify.expect(has("RELOADING=1"))
-    await notify.expect(has("READY=1"))
+    return await notify.expect(has("READY=1"))
 
 
 async def test_ready_is_sent_once_it_listens_and_is_ready(
@@ -146,11 +146,12 @@ async def test_sighup_makes_a_new_tracker_file_live(daemon: DaemonProcess, notif
     assert await get(postback_url(daemon, "newtracker")) == 404
 
     (daemon.config.parent / "trackers" / "newtracker.yaml").write_text(yaml.safe_dump(NEW_TRACKER))
-    await reload(daemon, notify)
+    ready = await reload(daemon, notify)
 
     assert await get(postback_url(daemon, "newtracker")) == 200
     reloaded = await daemon.wait_log(lambda line: line["event"] == "reloaded")
     assert "newtracker" in reloaded["trackers"]
+    assert f"STATUS=listening on 127.0.0.1:{daemon.port}; config reloaded" in ready
 
 
 async def test_sighup_makes_a_removed_tracker_file_404(daemon: DaemonProcess, notify: NotifySocket) -> None:
@@ -171,8 +172,10 @@ async def test_sighup_with_a_broken_tracker_file_keeps_the_old_config_and_says_w
     trackers = daemon.config.parent / "trackers"
     (trackers / "newtracker.yaml").write_text("name: newtracker\nparams: {click_id: cid}\nevnets: {}\n")
     (trackers / "binom.yaml").unlink()
-    await reload(daemon, notify)
+    ready = await reload(daemon, notify)
 
+    # What `systemctl status` shows, since `systemctl reload` returns before the outcome is known.
+    assert any(a.startswith("STATUS=reload refused") for a in ready)
     refused = await daemon.wait_log(lambda line: line["event"].startswith("reload refused"))
     assert refused["level"] == "error"
     assert "newtracker.yaml" in refused["problem"] and "evnets" in refused["problem"]

@@ -244,11 +244,12 @@ async def test_snippet_calls_the_bridge_cross_origin_without_a_preflight(
     await visit(landing, tmp_path, "ttclid=E.C.P.xyz&subid=abc")
 
     landing_origin = landing.url.removesuffix("/page")
+    # The page goes on to /next, which registers again: one or two requests, never an OPTIONS.
     clicks = [s for s in seen if s.path == "/click"]
-    assert [s.method for s in clicks] == ["POST"]
-    assert clicks[0].status == 204
-    assert clicks[0].origin == landing_origin
-    assert (clicks[0].content_type or "").startswith("application/x-www-form-urlencoded")
+    assert clicks
+    for request in clicks:
+        assert (request.method, request.status, request.origin) == ("POST", 204, landing_origin)
+        assert (request.content_type or "").startswith("application/x-www-form-urlencoded")
 
 
 async def test_later_page_without_url_parameters_remembers_click_id_and_ttclid(
