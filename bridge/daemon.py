@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import time
 from pathlib import Path
@@ -46,6 +47,13 @@ class Daemon:
             )
         for warning in config.warnings:
             log.warning("config", problem=warning)
+        if _is_loopback(settings.server.host) and not settings.server.trusted_proxies:
+            # Browsers can reach a loopback listener only through a reverse proxy, whose address
+            # would then be stored as every visitor's ip.
+            log.warning(
+                "server.host is a loopback address and server.trusted_proxies is empty: behind a reverse "
+                "proxy, set trusted_proxies (e.g. [127.0.0.1/32]) so clicks carry the visitor's ip"
+            )
         try:
             store = await Store(config.db_path).open()
         except StoreUnavailable as exc:
@@ -58,7 +66,9 @@ class Daemon:
         session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=32))
         worker = self.worker = Worker(runtime, session)
         app = create_app(runtime)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # In-flight requests get a few seconds on SIGTERM: well inside the unit's TimeoutStopSec=30,
+        # together with the worker's own grace for sends in flight.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
         await runner.setup()
         site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
         try:
@@ -194,6 +204,13 @@ class Daemon:
             if self.runtime.worker_running:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def run(config_path: Path) -> None:

@@ -44,11 +44,21 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+# Names already known not to be secret. A line's names come from the code, a small fixed set, and a set
+# lookup is cheaper than lowering and testing every name of every line (one per postback, under load).
+_PLAIN_NAMES: set[str] = set()
+_NESTED = (dict, list, tuple)
+
+
 def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name, value in list(event_dict.items()):
-        if _secret(name):
-            event_dict[name] = REDACTED
-        elif isinstance(value, dict | list | tuple):
+        if name not in _PLAIN_NAMES:
+            if _secret(name):
+                event_dict[name] = REDACTED
+                continue
+            if len(_PLAIN_NAMES) < 1024:
+                _PLAIN_NAMES.add(name)
+        if isinstance(value, _NESTED):
             event_dict[name] = _scrub(value)
     return event_dict
 

@@ -368,7 +368,7 @@ class Store:
         if self._closing or self._writer is None:
             raise StoreUnavailable("shutting down")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        self._queue.put_nowait((item, future))  # unbounded: never waits, so no coroutine for it
         return await future
 
     async def _write_loop(self) -> None:

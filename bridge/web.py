@@ -144,6 +144,8 @@ def decode_pairs(text: str, where: str) -> list[tuple[str, str]]:
 
 
 def _unquote(text: str) -> str | None:
+    if text.isascii() and "%" not in text and "+" not in text:
+        return text  # nothing to decode: most names and many values
     try:
         return unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
     except UnicodeError:  # invalid UTF-8 after decoding, or raw bytes the parser let through
