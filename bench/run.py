@@ -1,7 +1,7 @@
 """The benchmark: the real daemon against a bare aiohttp baseline, same machine, same load, same run.
 
-    .venv/bin/python bench/run.py                      # what `make bench` runs (about a minute)
-    .venv/bin/python bench/run.py --preload 1000000    # also: the same load on a database of 1M + 1M rows
+    .venv/bin/python bench/run.py                      # what `make bench` runs (about two minutes)
+    .venv/bin/python bench/run.py --preload 1000000    # also: a second daemon on a 1M + 1M row database
 
 Everything runs as subprocesses on 127.0.0.1, on free ports, with storage in a temporary directory:
 the fake TikTok (tests/fake_tiktok.py), the baseline (bench/baseline.py) and the daemon
@@ -11,6 +11,9 @@ of connections for the same time, and every request carries a new click id, so e
 conversion committed with synchronous=FULL before its 200 "accepted".
 
 Rates are only compared within one run: the ratio bridge/baseline is the result, not the raw rates.
+The servers run side by side and are measured in turns (baseline, bridge, baseline, bridge, ...), a
+few rounds of each, so that whatever else the machine does weighs on both alike; each figure
+reported is the median over the rounds, and each ratio the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,6 +191,8 @@ class Options:
     connections: int
     loadgen: str  # wrk | python
     workdir: Path
+    rounds: int = 3
+    delivery_timeout: float = 30.0
     prefix: str = field(default_factory=lambda: "b" + secrets.token_hex(3))
     phase: int = 0
 
@@ -260,33 +266,27 @@ def drive(options: Options, url: str, path: str, server: Child, seconds: float) 
     )
 
 
-# -- the two servers -------------------------------------------------------------------------------------
+# -- the servers -----------------------------------------------------------------------------------------
 
 
 @dataclass
-class Result:
-    postbacks: Load
-    clicks: Load
-    delivery_lag: float | None = None
+class Server:
+    name: str
+    child: Child
+    url: str
+    db: Path | None = None  # the daemon's database; None for the baseline
+    postbacks: list[Load] = field(default_factory=list)
+    clicks: list[Load] = field(default_factory=list)
+    lags: list[float | None] = field(default_factory=list)
     pending_left: int = 0
-    peak_rss_mb: float = 0.0
-    stored_conversions: int = 0
-    stored_clicks: int = 0
-    delivered: int = 0
 
 
-def run_baseline(options: Options) -> Result:
+def start_baseline(workdir: Path) -> Server:
     argv = [sys.executable, str(REPO / "bench" / "baseline.py"), "--port", "0"]
-    child = start("baseline", argv, options.workdir)
-    try:
-        url = first_line(child)
-        wait_healthy(url, child)
-        drive(options, url, POSTBACK_PATH, child, options.warmup)
-        postbacks = drive(options, url, POSTBACK_PATH, child, options.duration)
-        clicks = drive(options, url, CLICK_PATH, child, options.duration)
-        return Result(postbacks, clicks, peak_rss_mb=child.peak_rss_mb())
-    finally:
-        child.stop()
+    child = start("baseline", argv, workdir)
+    url = first_line(child)
+    wait_healthy(url, child)
+    return Server("baseline", child, url)
 
 
 def write_config(directory: Path, port: int, endpoint: str) -> Path:
@@ -304,6 +304,20 @@ def write_config(directory: Path, port: int, endpoint: str) -> Path:
     path = directory / "bridge.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     return path
+
+
+def start_bridge(name: str, directory: Path, endpoint: str, preload: int = 0) -> Server:
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = write_config(directory, port, endpoint)
+    db = directory / "bridge.db"
+    if preload:
+        fill(db, preload)
+    argv = [sys.executable, "-m", "bridge", "run", "-c", str(config)]
+    child = start(name, argv, directory, prints_url=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, child)
+    return Server(name, child, url, db)
 
 
 def count(db: Path, sql: str) -> int:
@@ -324,33 +338,17 @@ def wait_delivered(db: Path, since: float, timeout: float) -> tuple[float | None
     return None, pending
 
 
-def run_bridge(options: Options, endpoint: str, directory: Path, preload: int = 0) -> Result:
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = write_config(directory, port, endpoint)
-    db = directory / "bridge.db"
-    if preload:
-        fill(db, preload)
-    child = start(
-        "bridge", [sys.executable, "-m", "bridge", "run", "-c", str(config)], directory, prints_url=False
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, child)
-        drive(options, url, POSTBACK_PATH, child, options.warmup)
-        wait_delivered(db, time.time(), 30)
-        postbacks = drive(options, url, POSTBACK_PATH, child, options.duration)
-        lag, pending = wait_delivered(db, postbacks.ended_at, 30)
-        clicks = drive(options, url, CLICK_PATH, child, options.duration)
-        result = Result(postbacks, clicks, lag, pending, child.peak_rss_mb())
-        result.stored_conversions = count(db, "SELECT COUNT(*) FROM conversions")
-        result.stored_clicks = count(db, "SELECT COUNT(*) FROM clicks")
-        result.delivered = count(db, "SELECT COUNT(*) FROM conversions WHERE state = 'delivered'")
-    finally:
-        child.stop()
-    if child.proc.returncode != 0:
-        raise RuntimeError(f"the daemon exited with {child.proc.returncode}; see {child.log}")
-    return result
+def measure(options: Options, server: Server, kind: str, seconds: float, record: bool = True) -> None:
+    """One phase of load on one server; after postbacks to the daemon, wait until all are delivered."""
+    path = POSTBACK_PATH if kind == "postback" else CLICK_PATH
+    load = drive(options, server.url, path, server.child, seconds)
+    lag: float | None = None
+    if server.db is not None and kind == "postback":
+        lag, server.pending_left = wait_delivered(server.db, load.ended_at, options.delivery_timeout)
+    if record:
+        (server.postbacks if kind == "postback" else server.clicks).append(load)
+        if server.db is not None and kind == "postback":
+            server.lags.append(lag)
 
 
 # -- preloading ------------------------------------------------------------------------------------------
@@ -448,127 +446,127 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
 
+def median_load(loads: list[Load]) -> dict[str, Any]:
+    return {
+        "rate": round(statistics.median(load.rate for load in loads), 1),
+        "p50_ms": round(statistics.median(load.p50_ms for load in loads), 2),
+        "p99_ms": round(statistics.median(load.p99_ms for load in loads), 2),
+        "worst_p99_ms": round(max(load.p99_ms for load in loads), 2),
+        "errors": sum(load.errors for load in loads),
+        "requests": sum(load.requests for load in loads),
+        "server_cpu": round(statistics.median(load.server_cpu for load in loads), 3),
+        "loadgen_cpu": round(statistics.median(load.loadgen_cpu for load in loads), 3),
+        "rates": [round(load.rate, 1) for load in loads],
+    }
+
+
+def median_ratio(loads: list[Load], against: list[Load]) -> float:
+    """The median of the rounds' ratios: each round's pair ran back to back, under the same weather."""
+    return statistics.median(ratio(a.rate, b.rate) for a, b in zip(loads, against, strict=True))
+
+
 def report(
-    options: Options, base: Result, bridge: Result, fake: dict[str, int], preloaded: Result | None
+    options: Options, servers: list[Server], fake: dict[str, int], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    lines = []
+    base, bridge = servers[0], servers[1]
+    preloaded = servers[2] if len(servers) > 2 else None
     info = machine()
-    lines.append(
+    lines = [
         f"machine: {info['cpus']} CPUs ({info['cpu']}), {info['ram']}, Linux {info['kernel']}, "
-        f"Python {info['python']}, SQLite {info['sqlite']}"
-    )
-    lines.append(
-        f"load: {options.loadgen}, {options.connections} connections, {options.duration:.0f}s per phase"
-    )
-    lines.append("")
-    lines.append(
-        f"{'':28}{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'srv cpu':>9}{'gen cpu':>9}"
-    )
-
-    def row(name: str, load: Load, against: Load | None) -> None:
-        share = f"{ratio(load.rate, against.rate):.2f}x" if against else ""
-        lines.append(
-            f"{name:28}{load.rate:9.0f}{share:>8}{load.p50_ms:9.2f}{load.p99_ms:9.2f}{load.errors:8d}"
-            f"{load.server_cpu:8.0%} {load.loadgen_cpu:8.0%}"
-        )
-
-    row("baseline /postback", base.postbacks, None)
-    row("bridge /postback", bridge.postbacks, base.postbacks)
-    row("baseline /click", base.clicks, None)
-    row("bridge /click", bridge.clicks, base.clicks)
-    if preloaded is not None:
-        row("bridge /postback, 1M+1M db", preloaded.postbacks, base.postbacks)
-        row("bridge /click, 1M+1M db", preloaded.clicks, base.clicks)
-    lines.append("")
-    lag = f"NOT DONE ({bridge.pending_left} pending)"
-    if bridge.delivery_lag is not None:
-        lag = f"{bridge.delivery_lag:.2f}s"
-    requests = fake.get("requests", 0)
-    batch = fake.get("events", 0) / requests if requests else 0.0
-    lines.append(f"delivery lag after the last postback: {lag}")
-    lines.append(
-        f"fake TikTok: {fake.get('events', 0)} events in {requests} requests "
-        f"(mean batch {batch:.0f}), {fake.get('unique_event_ids', 0)} unique event_ids"
-    )
-    lines.append(
-        f"stored: {bridge.stored_conversions} conversions ({bridge.delivered} delivered), "
-        f"{bridge.stored_clicks} clicks"
-    )
-    lines.append(f"peak RSS: bridge {bridge.peak_rss_mb:.0f} MB, baseline {base.peak_rss_mb:.0f} MB")
-    if preloaded is not None:
-        plag = f"{preloaded.delivery_lag:.2f}s" if preloaded.delivery_lag is not None else "NOT DONE"
-        lines.append(
-            f"1M+1M db: postbacks {ratio(preloaded.postbacks.rate, bridge.postbacks.rate):.2f}x and "
-            f"clicks {ratio(preloaded.clicks.rate, bridge.clicks.rate):.2f}x the empty-db rate, "
-            f"delivery lag {plag}, "
-            f"peak RSS {preloaded.peak_rss_mb:.0f} MB"
-        )
-    print("\n".join(lines), flush=True)
-
-    def load_dict(load: Load) -> dict[str, Any]:
-        return {
-            "rate": round(load.rate, 1),
-            "requests": load.requests,
-            "p50_ms": load.p50_ms,
-            "p99_ms": load.p99_ms,
-            "errors": load.errors,
-            "server_cpu": round(load.server_cpu, 3),
-            "loadgen_cpu": round(load.loadgen_cpu, 3),
-        }
-
+        f"Python {info['python']}, SQLite {info['sqlite']}",
+        f"load: {options.loadgen}, {options.connections} connections, {options.rounds} rounds of "
+        f"{options.duration:g}s per server and kind; load average before/after: "
+        f"{extra['loadavg_before']} / {extra['loadavg_after']}",
+        "",
+        f"{'median of rounds':30}{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'worst p99':>10}"
+        f"{'errors':>8}{'srv cpu':>9}{'gen cpu':>9}",
+    ]
     data: dict[str, Any] = {
         "machine": info,
         "loadgen": options.loadgen,
         "connections": options.connections,
         "duration": options.duration,
-        "baseline": {"postback": load_dict(base.postbacks), "click": load_dict(base.clicks)},
-        "bridge": {
-            "postback": load_dict(bridge.postbacks),
-            "click": load_dict(bridge.clicks),
-            "postback_ratio": round(ratio(bridge.postbacks.rate, base.postbacks.rate), 3),
-            "click_ratio": round(ratio(bridge.clicks.rate, base.clicks.rate), 3),
-            "delivery_lag_s": bridge.delivery_lag,
-            "mean_batch": round(batch, 1),
-            "peak_rss_mb": round(bridge.peak_rss_mb, 1),
-        },
-        "fake_tiktok": fake,
+        "rounds": options.rounds,
+        **extra,
     }
+
+    def row(name: str, loads: list[Load], against: list[Load] | None) -> dict[str, Any]:
+        summary = median_load(loads)
+        share = ""
+        if against is not None:
+            summary["ratio"] = round(median_ratio(loads, against), 3)
+            share = f"{summary['ratio']:.2f}x"
+        lines.append(
+            f"{name:30}{summary['rate']:9.0f}{share:>8}{summary['p50_ms']:9.2f}{summary['p99_ms']:9.2f}"
+            f"{summary['worst_p99_ms']:10.2f}{summary['errors']:8d}{summary['server_cpu']:8.0%} "
+            f"{summary['loadgen_cpu']:8.0%}"
+        )
+        return summary
+
+    data["baseline"] = {"postback": row("baseline /postback", base.postbacks, None)}
+    data["bridge"] = {"postback": row("bridge /postback", bridge.postbacks, base.postbacks)}
     if preloaded is not None:
         data["preloaded"] = {
-            "postback": load_dict(preloaded.postbacks),
-            "click": load_dict(preloaded.clicks),
-            "postback_vs_empty": round(ratio(preloaded.postbacks.rate, bridge.postbacks.rate), 3),
-            "click_vs_empty": round(ratio(preloaded.clicks.rate, bridge.clicks.rate), 3),
-            "delivery_lag_s": preloaded.delivery_lag,
-            "peak_rss_mb": round(preloaded.peak_rss_mb, 1),
+            "postback": row(
+                f"bridge /postback, {extra['preload']}+{extra['preload']}",
+                preloaded.postbacks,
+                base.postbacks,
+            )
         }
+    data["baseline"]["click"] = row("baseline /click", base.clicks, None)
+    data["bridge"]["click"] = row("bridge /click", bridge.clicks, base.clicks)
+    if preloaded is not None:
+        data["preloaded"]["click"] = row(
+            f"bridge /click, {extra['preload']}+{extra['preload']}", preloaded.clicks, base.clicks
+        )
+    lines.append("")
+
+    def lag_text(server: Server) -> str:
+        if any(lag is None for lag in server.lags):
+            return f"NOT DONE within {options.delivery_timeout:g}s ({server.pending_left} pending)"
+        return "worst " + f"{max(lag for lag in server.lags if lag is not None):.2f}s"
+
+    requests = fake.get("requests", 0)
+    batch = fake.get("events", 0) / requests if requests else 0.0
+    lines.append(f"delivery lag after the last postback of a phase: {lag_text(bridge)}")
+    lines.append(
+        f"fake TikTok: {fake.get('events', 0)} events in {requests} requests "
+        f"(mean batch {batch:.0f}), {fake.get('unique_event_ids', 0)} unique event_ids"
+    )
+    lines.append(
+        f"stored (empty-db daemon): {extra['stored_conversions']} conversions "
+        f"({extra['delivered']} delivered), {extra['stored_clicks']} clicks"
+    )
+    lines.append(
+        f"peak RSS: bridge {extra['bridge_rss_mb']:.0f} MB, baseline {extra['baseline_rss_mb']:.0f} MB"
+    )
+    data["bridge"]["delivery_lags_s"] = bridge.lags
+    data["bridge"]["mean_batch"] = round(batch, 1)
+    data["fake_tiktok"] = fake
+    if preloaded is not None:
+        vs_post = median_ratio(preloaded.postbacks, bridge.postbacks)
+        vs_click = median_ratio(preloaded.clicks, bridge.clicks)
+        lines.append(
+            f"{extra['preload']} + {extra['preload']} rows: postbacks {vs_post:.2f}x and "
+            f"clicks {vs_click:.2f}x the empty-db rate, "
+            f"delivery lag {lag_text(preloaded)}, peak RSS {extra['preloaded_rss_mb']:.0f} MB"
+        )
+        data["preloaded"]["postback_vs_empty"] = round(vs_post, 3)
+        data["preloaded"]["click_vs_empty"] = round(vs_click, 3)
+        data["preloaded"]["delivery_lags_s"] = preloaded.lags
+    print("\n".join(lines), flush=True)
     return data
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark the bridge against a bare aiohttp baseline.")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase (10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring (2)")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument(
-        "--preload",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also run on a database preloaded with N clicks + N finished conversions",
-    )
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
-    args = parser.parse_args(argv)
-    loadgen = args.loadgen
-    if loadgen == "auto":
-        loadgen = "wrk" if shutil.which("wrk") else "python"
-    elif loadgen == "wrk" and not shutil.which("wrk"):
-        parser.error("wrk is not installed (apt-get install wrk), use --loadgen python")
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
-    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
-    options = Options(args.duration, args.warmup, args.connections, loadgen, workdir)
+
+def run(options: Options, preload: int) -> tuple[list[Server], dict[str, int], dict[str, Any]]:
+    workdir = options.workdir
     fake = start(
         "fake_tiktok",
         [
@@ -581,24 +579,77 @@ def main(argv: list[str] | None = None) -> int:
         ],
         workdir,
     )
-    fake_summary: dict[str, int] = {}
+    servers: list[Server] = []
     try:
         endpoint = first_line(fake)
-        print(f"benchmark in {workdir} (load generator: {loadgen})", flush=True)
-        print("  baseline ...", flush=True)
-        base = run_baseline(options)
-        print("  bridge, empty database ...", flush=True)
-        bridge = run_bridge(options, endpoint, workdir / "empty")
-        preloaded = None
-        if args.preload:
-            print(f"  bridge, database preloaded with {args.preload} clicks + {args.preload} conversions ...")
-            preloaded = run_bridge(options, endpoint, workdir / "preloaded", args.preload)
-        out = fake.stop()
-        for line in out.splitlines():
+        servers.append(start_baseline(workdir))
+        servers.append(start_bridge("bridge", workdir / "empty", endpoint))
+        if preload:
+            print(f"  preloading {preload} clicks + {preload} conversions ...", flush=True)
+            servers.append(start_bridge("preloaded", workdir / "preloaded", endpoint, preload))
+        extra: dict[str, Any] = {"loadavg_before": loadavg(), "preload": preload}
+        for server in servers:
+            measure(options, server, "postback", options.warmup, record=False)
+            measure(options, server, "click", options.warmup, record=False)
+        for number in range(1, options.rounds + 1):
+            print(f"  round {number}/{options.rounds} ...", flush=True)
+            for kind in ("postback", "click"):
+                for server in servers:
+                    measure(options, server, kind, options.duration)
+        extra["loadavg_after"] = loadavg()
+        bridge = servers[1]
+        assert bridge.db is not None
+        extra["stored_conversions"] = count(bridge.db, "SELECT COUNT(*) FROM conversions")
+        extra["delivered"] = count(bridge.db, "SELECT COUNT(*) FROM conversions WHERE state = 'delivered'")
+        extra["stored_clicks"] = count(bridge.db, "SELECT COUNT(*) FROM clicks")
+        for server in servers:
+            extra[f"{server.name}_rss_mb"] = server.child.peak_rss_mb()
+        for server in servers:
+            server.child.stop()
+            if server.db is not None and server.child.proc.returncode != 0:
+                raise RuntimeError(f"{server.name} exited with {server.child.proc.returncode}")
+        summary: dict[str, int] = {}
+        for line in fake.stop().splitlines():
             if line.startswith("{"):
-                fake_summary = json.loads(line)
+                summary = json.loads(line)
+        return servers, summary, extra
+    finally:
+        for child in [fake, *(server.child for server in servers)]:
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the bridge against a bare aiohttp baseline.")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured phase (5)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of phases per server (3)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring (2)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run a daemon on a database preloaded with N clicks + N finished conversions",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, databases)")
+    args = parser.parse_args(argv)
+    loadgen = args.loadgen
+    if loadgen == "auto":
+        loadgen = "wrk" if shutil.which("wrk") else "python"
+    elif loadgen == "wrk" and not shutil.which("wrk"):
+        parser.error("wrk is not installed (apt-get install wrk), use --loadgen python")
+
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
+    options = Options(args.duration, args.warmup, args.connections, loadgen, workdir, args.rounds)
+    print(f"benchmark in {workdir} (load generator: {loadgen})", flush=True)
+    try:
+        servers, fake, extra = run(options, args.preload)
         print("", flush=True)
-        data = report(options, base, bridge, fake_summary, preloaded)
+        data = report(options, servers, fake, extra)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(data, indent=2) + "\n")
@@ -606,9 +657,6 @@ def main(argv: list[str] | None = None) -> int:
         args.keep = True  # the logs in it say why
         raise
     finally:
-        if fake.proc.poll() is None:
-            fake.proc.kill()
-            fake.proc.wait()
         if args.keep:
             print(f"kept {workdir}")
         else:

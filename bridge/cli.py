@@ -20,6 +20,7 @@ from bridge.logs import configure
 from bridge.mapping import BadParameter, build_conversion
 from bridge.store import Store, StoreUnavailable
 from bridge.tiktok import TikTokClient, build_payload
+from bridge.web import decode_pairs
 
 
 class CommandError(Exception):
@@ -79,7 +80,13 @@ def explain(config: Config, url: str, click: Any = None, now: float | None = Non
             "why": f"unknown tracker {segments[1]!r} (known: {known})",
         }
     params: dict[str, str] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+    # Read as the listener reads it (invalid UTF-8 is a 400), the key checked first as there.
+    unreadable: BadParameter | None = None
+    try:
+        pairs = decode_pairs(parts.query, "query")
+    except BadParameter as exc:
+        pairs, unreadable = parse_qsl(parts.query, keep_blank_values=True), exc
+    for name, value in pairs:
         params.setdefault(name, value)
     if tracker.key and params.get("key") != tracker.key:
         return {
@@ -87,6 +94,8 @@ def explain(config: Config, url: str, click: Any = None, now: float | None = Non
             "status": 403,
             "why": "wrong or missing key (the key itself is not shown)",
         }
+    if unreadable is not None:
+        return {"result": "rejected", "status": 400, "why": str(unreadable)}
     try:
         conversion = build_conversion(tracker, params, now, config.settings.matching.default_phone_region)
     except BadParameter as exc:

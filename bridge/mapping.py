@@ -34,9 +34,7 @@ MAX_LENGTH = {
 
 # A tracker or network that forgot to substitute a macro sends its name: `{subid}`, `{{subid}}`,
 # `${SUBID}`, `__CLICKID__`, CAKE's `#s2#`, or `%7Bsubid%7D` when the URL was encoded twice.
-_MACRO = re.compile(
-    r"^(?:\$?\{+[^{}]*\}+|__[A-Z0-9_]+__|#[A-Za-z_][A-Za-z0-9_]*#|%7[Bb][^{}]*%7[Dd])$"
-)
+_MACRO = re.compile(r"^(?:\$?\{+[^{}]*\}+|__[A-Z0-9_]+__|#[A-Za-z_][A-Za-z0-9_]*#|%7[Bb][^{}]*%7[Dd])$")
 # Control characters are no part of any id, status, amount or URL: garbage or an injection attempt.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MACRO_FIRST = frozenset("${_#%")
@@ -101,6 +99,14 @@ def clean(params: Mapping[str, str], name: str, dropped: list[str] | None = None
             dropped.append(name)
         return None
     return value
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def canonical_params(tracker: TrackerConfig, raw: Mapping[str, str]) -> dict[str, str]:
@@ -274,6 +280,10 @@ def build_click(
         default_phone_region,
     )
     ua = (user_agent or "").strip()[: MAX_LENGTH["user_agent"]] or None
+    if ua is not None and not _utf8(ua):
+        # Header bytes that are not UTF-8 reach us as lone surrogates, which no database can store.
+        ua = None
+        dropped.append("user_agent")
     return Click(
         click_id=click_id,
         ttclid=clean(raw, "ttclid", dropped),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,8 @@ import aiosqlite
 from bridge.mapping import Click, Conversion
 
 _T = TypeVar("_T")
+# Rows per multi-row statement at most (fewer where SQLite allows fewer parameters).
+_MAX_CHUNK_ROWS = 256
 
 # Each entry moves the schema one version up; the first is the first release's schema.
 MIGRATIONS: tuple[str, ...] = (
@@ -154,14 +157,13 @@ class Outcome:
     match_keys: str | None = None
 
 
-_CLICK_UPSERT = f"""
-INSERT INTO clicks (click_id, {", ".join(CLICK_FIELDS)}, created_at, updated_at)
-VALUES (:click_id, {", ".join(":" + f for f in CLICK_FIELDS)}, :now, :now)
-ON CONFLICT (click_id) DO UPDATE SET
-    {", ".join(f"{f} = COALESCE(NULLIF(clicks.{f}, ''), excluded.{f})" for f in CLICK_FIELDS)},
-    updated_at = excluded.updated_at
-"""  # noqa: S608 -- column names are constants; values are bound
-
+# A group is written with one multi-row statement per table, its rows bound as positional parameters:
+# one step for the whole group. A statement per row (executemany) steps once per row, and every step
+# hands the GIL to the busy listener and waits to get it back, so commits were slowest exactly when
+# the most requests waited on them. (Rows as one JSON text cost more: json_extract parses the row's
+# text again for every column.) Groups are padded with NULL rows, which the WHERE drops, to a power of
+# two, so a few prepared statements, cached by sqlite3, serve every group size.
+_CLICK_ROW = ("click_id", *CLICK_FIELDS)
 _CONVERSION_FIELDS = (
     "tracker",
     "click_id",
@@ -181,69 +183,78 @@ _CONVERSION_FIELDS = (
     "phone_hash",
     "external_id_hash",
 )
-# A second conversion of one event for one click with another transaction id (a rebill) gets
-# `_{transaction_id}` appended to its event_id, or TikTok would dedupe it away as a repeat.
-_CONVERSION_INSERT = f"""
-INSERT INTO conversions ({", ".join(_CONVERSION_FIELDS)}, event_id, state, reason, next_attempt_at,
-                         received_at, finished_at, ingest_batch)
-SELECT {", ".join(":" + f for f in _CONVERSION_FIELDS)},
-    CASE WHEN :event IS NOT NULL AND :transaction_id <> '' AND EXISTS (
-            SELECT 1 FROM conversions c
-            WHERE c.tracker = :tracker AND c.click_id = :click_id AND c.event = :event
-              AND c.transaction_id <> :transaction_id)
-         THEN :event_id || '_' || :transaction_id
-         ELSE :event_id END,
-    :state, :reason, :next_attempt_at, :received_at, :finished_at, :batch
-WHERE true
-ON CONFLICT (tracker, click_id, event, transaction_id) WHERE event IS NOT NULL DO NOTHING
-"""  # noqa: S608 -- column names are constants; values are bound
+# The values of one conversion, in this order (see _conversion_values).
+_CONVERSION_ROW = (*_CONVERSION_FIELDS, "event_id", "state", "reason")
 
-# The same two writes for a whole group at once: its rows reach SQLite as one JSON array bound to one
-# statement, so a group is one step. executemany steps once per row, and every step releases the GIL
-# and then waits for the busy listener to hand it back: commits were slowest exactly when the most
-# requests waited on them. json_each yields rows in array order, so they apply in arrival order.
-# SQLite's JSON cannot carry a NUL character; a group with one takes the row-by-row statements above.
-_CLICKS_UPSERT_JSON = f"""
+
+def _values(rows: int, width: int, first: int) -> str:
+    """`(?3, ?4), (?5, ?6)`: `rows` rows of `width` numbered parameters, the first numbered `first`."""
+    return ", ".join(
+        "(" + ", ".join(f"?{first + row * width + column}" for column in range(width)) + ")"
+        for row in range(rows)
+    )
+
+
+@functools.cache
+def _clicks_upsert(rows: int) -> str:
+    """?1 is the time; the rows follow. Rows apply in order, so a later one sees an earlier one."""
+    r = {name: f"r.column{i + 1}" for i, name in enumerate(_CLICK_ROW)}
+    return f"""
 INSERT INTO clicks (click_id, {", ".join(CLICK_FIELDS)}, created_at, updated_at)
-SELECT {", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(CLICK_FIELDS) + 1))}, :now, :now
-FROM json_each(:rows) WHERE true ORDER BY key
+SELECT {", ".join(r[name] for name in _CLICK_ROW)}, ?1, ?1
+FROM (VALUES {_values(rows, len(_CLICK_ROW), 2)}) AS r
+WHERE r.column1 IS NOT NULL
 ON CONFLICT (click_id) DO UPDATE SET
     {", ".join(f"{f} = COALESCE(NULLIF(clicks.{f}, ''), excluded.{f})" for f in CLICK_FIELDS)},
     updated_at = excluded.updated_at
 """  # noqa: S608 -- column names are constants; values are bound
-# One JSON array per conversion, in this order.
-_CONVERSION_ROW = (*_CONVERSION_FIELDS, "event_id", "state", "reason")
-# SQLite reads all of a statement's rows before inserting any when the SELECT reads the table it
-# inserts into, so this EXISTS does not see rows of the same statement: _rounds() never puts two
-# conversions of one tracker, click and event into one statement.
-_CONVERSIONS_INSERT_JSON = f"""
+
+
+@functools.cache
+def _conversions_insert(rows: int) -> str:
+    """?1 is the time, ?2 the ingest batch; the rows follow.
+
+    A second conversion of one event for one click with another transaction id (a rebill) gets
+    `_{transaction_id}` appended to its event_id, or TikTok would dedupe it away as a repeat. SQLite
+    reads all of a statement's rows before inserting any when its SELECT reads the table it inserts
+    into, so this EXISTS does not see rows of its own statement: _rounds() never puts two
+    conversions of one tracker, click and event into one statement.
+    """
+    r = {name: f"r.column{i + 1}" for i, name in enumerate(_CONVERSION_ROW)}
+    return f"""
 INSERT INTO conversions ({", ".join(_CONVERSION_FIELDS)}, event_id, state, reason, next_attempt_at,
                          received_at, finished_at, ingest_batch)
-SELECT {", ".join(f"r.{f}" for f in _CONVERSION_FIELDS)},
-    CASE WHEN r.event IS NOT NULL AND r.transaction_id <> '' AND EXISTS (
+SELECT {", ".join(r[f] for f in _CONVERSION_FIELDS)},
+    CASE WHEN {r["event"]} IS NOT NULL AND {r["transaction_id"]} <> '' AND EXISTS (
             SELECT 1 FROM conversions c
-            WHERE c.tracker = r.tracker AND c.click_id = r.click_id AND c.event = r.event
-              AND c.transaction_id <> r.transaction_id)
-         THEN r.event_id || '_' || r.transaction_id
-         ELSE r.event_id END,
-    r.state, r.reason,
-    CASE WHEN r.state = 'pending' THEN :now END, :now, CASE WHEN r.state <> 'pending' THEN :now END, :batch
-FROM (SELECT {", ".join(f"json_extract(value, '$[{i}]') AS {f}" for i, f in enumerate(_CONVERSION_ROW))}
-      FROM json_each(:rows) ORDER BY key) AS r
-WHERE true
+            WHERE c.tracker = {r["tracker"]} AND c.click_id = {r["click_id"]} AND c.event = {r["event"]}
+              AND c.transaction_id <> {r["transaction_id"]})
+         THEN {r["event_id"]} || '_' || {r["transaction_id"]}
+         ELSE {r["event_id"]} END,
+    {r["state"]}, {r["reason"]},
+    CASE WHEN {r["state"]} = 'pending' THEN ?1 END, ?1, CASE WHEN {r["state"]} <> 'pending' THEN ?1 END, ?2
+FROM (VALUES {_values(rows, len(_CONVERSION_ROW), 3)}) AS r
+WHERE r.column1 IS NOT NULL
 ON CONFLICT (tracker, click_id, event, transaction_id) WHERE event IS NOT NULL DO NOTHING
 """  # noqa: S608 -- column names are constants; values are bound
-# What the group inserted, and what its duplicates already were, each as one JSON row, not a step per row.
+
+
+# What a group inserted, as one JSON row (one step, not a step per row).
 _INSERTED = """
 SELECT json_group_array(json_array(id, tracker, click_id, event, transaction_id, event_id))
 FROM conversions WHERE ingest_batch = ? AND event IS NOT NULL
 """
-_EXISTING = """
+
+
+@functools.cache
+def _existing(rows: int) -> str:
+    """The conversions that repeats of a group are duplicates of, as one JSON row."""
+    return f"""
 SELECT json_group_array(json_array(c.tracker, c.click_id, c.event, c.transaction_id, c.id, c.event_id))
-FROM json_each(?) AS k CROSS JOIN conversions AS c
-WHERE c.tracker = json_extract(k.value, '$[0]') AND c.click_id = json_extract(k.value, '$[1]')
-  AND c.event = json_extract(k.value, '$[2]') AND c.transaction_id = json_extract(k.value, '$[3]')
-"""
+FROM (VALUES {_values(rows, 4, 1)}) AS k CROSS JOIN conversions AS c
+WHERE c.tracker = k.column1 AND c.click_id = k.column2 AND c.event = k.column3
+  AND c.transaction_id = k.column4
+"""  # noqa: S608 -- column names are constants; values are bound
 
 
 class Store:
@@ -437,76 +448,38 @@ class Store:
 
     async def claim_due(self, now: float, limit: int, lease: float) -> list[sqlite3.Row]:
         """Lease up to `limit` due events; a lease that runs out (crash) makes them due again."""
+        params = {"lease": now + lease, "now": now, "limit": limit}
         async with self._lock:
-            db = self.db
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                columns = ", ".join(CONVERSION_COLUMNS)
-                rows = await self.fetchall(
-                    f"""UPDATE conversions SET lease_until = :lease WHERE id IN (
-                            SELECT id FROM conversions
-                            WHERE state = 'pending' AND next_attempt_at <= :now
-                              AND (lease_until IS NULL OR lease_until <= :now)
-                            ORDER BY next_attempt_at LIMIT :limit)
-                        RETURNING {columns}""",  # noqa: S608 -- constant column list
-                    {"lease": now + lease, "now": now, "limit": limit},
-                )
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
+            # One call on the database thread, not an await per statement (see _on_db_thread).
+            rows = await self._on_db_thread(_in_transaction, _claim, params)
         rows.sort(key=lambda r: r["id"])
         return rows
 
     async def clicks_for(self, click_ids: Iterable[str]) -> dict[str, sqlite3.Row]:
-        ids = sorted(set(click_ids))
-        found: dict[str, sqlite3.Row] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in await self.fetchall(
-                f"SELECT click_id, {', '.join(CLICK_FIELDS)} FROM clicks WHERE click_id IN ({marks})",  # noqa: S608
-                chunk,
-            ):
-                found[row["click_id"]] = row
-        return found
+        return await self._on_db_thread(_clicks_for, sorted(set(click_ids)))
 
     async def apply(self, outcomes: Sequence[Outcome], now: float) -> None:
         """Record the worker's outcomes for one cycle in one transaction."""
         if not outcomes:
             return
         rows = [
-            {
-                **asdict(o),
-                "finished_at": None if o.state == PENDING else now,
-                "inc": 1 if o.count_attempt else 0,
-            }
+            [
+                o.id,
+                o.state,
+                o.next_attempt_at,
+                1 if o.count_attempt else 0,
+                o.sent_pixel,
+                o.code,
+                o.error,
+                o.request_id,
+                o.match_keys,
+                None if o.state == PENDING else now,
+            ]
             for o in outcomes
         ]
         async with self._lock:
-            db = self.db
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await db.executemany(
-                    """UPDATE conversions SET
-                        state = :state, next_attempt_at = :next_attempt_at, lease_until = NULL,
-                        attempts = attempts + :inc,
-                        sent_pixel = COALESCE(:sent_pixel, sent_pixel),
-                        last_code = COALESCE(:code, last_code),
-                        last_error = CASE WHEN :state IN ('delivered', 'delivered_dry_run') THEN NULL
-                                          ELSE COALESCE(:error, last_error) END,
-                        request_id = COALESCE(:request_id, request_id),
-                        match_keys = COALESCE(:match_keys, match_keys),
-                        finished_at = :finished_at
-                       WHERE id = :id AND state = 'pending'""",
-                    rows,
-                )
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
+            # One call on the database thread, not an await per statement (see _on_db_thread).
+            await self._on_db_thread(_in_transaction, _apply, rows)
 
     async def set_pixel_status(
         self, pixel: str, healthy: bool, code: int | None, error: str | None, now: float
@@ -603,7 +576,9 @@ def _write_group(
     db.execute("BEGIN IMMEDIATE")
     try:
         if clicks:
-            _upsert_clicks(db, clicks, now)
+            rows = [[c.click_id, *(getattr(c, f) for f in CLICK_FIELDS)] for c in clicks]
+            for size, params in _chunks(db, rows, len(_CLICK_ROW), 1):
+                db.execute(_clicks_upsert(size), [now, *params])
         results = _insert_conversions(db, conversions, batch, now) if conversions else {}
         db.execute("COMMIT")
     except BaseException:
@@ -615,23 +590,14 @@ def _write_group(
     return results
 
 
-def _upsert_clicks(db: sqlite3.Connection, clicks: list[Click], now: float) -> None:
-    text = _json_rows([[c.click_id, *(getattr(c, f) for f in CLICK_FIELDS)] for c in clicks])
-    if text is None:
-        db.executemany(_CLICK_UPSERT, [_click_row(c, now) for c in clicks])
-    else:
-        db.execute(_CLICKS_UPSERT_JSON, {"rows": text, "now": now})
-
-
 def _insert_conversions(
     db: sqlite3.Connection, conversions: list[Conversion], batch: int, now: float
 ) -> dict[int, Ingested]:
-    """Each round one statement, then one query for every id: a few steps for the whole group."""
-    rounds = [_json_rows([_conversion_values(c) for c in part]) for part in _rounds(conversions)]
-    if any(text is None for text in rounds):
-        return _insert_conversions_rowwise(db, conversions, batch, now)
-    for text in rounds:
-        db.execute(_CONVERSIONS_INSERT_JSON, {"rows": text, "now": now, "batch": batch})
+    """A statement per round, then one query for every id: a few steps for the whole group."""
+    for part in _rounds(conversions):
+        rows = [_conversion_values(c) for c in part]
+        for size, params in _chunks(db, rows, len(_CONVERSION_ROW), 2):
+            db.execute(_conversions_insert(size), [now, batch, *params])
     inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
     for row in json.loads(db.execute(_INSERTED, (batch,)).fetchone()[0]):
         inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
@@ -650,11 +616,11 @@ def _insert_conversions(
             continue
         repeats.append((conv, key))
     if repeats:
-        keys = json.dumps([key for _, key in repeats])
-        existing = {
-            (row[0], row[1], row[2], row[3]): (row[4], row[5])
-            for row in json.loads(db.execute(_EXISTING, (keys,)).fetchone()[0])
-        }
+        existing: dict[tuple[str, str, str, str], tuple[int, str]] = {}
+        keys = [list(key) for key in dict.fromkeys(key for _, key in repeats)]
+        for size, params in _chunks(db, keys, 4, 0):
+            for row in json.loads(db.execute(_existing(size), params).fetchone()[0]):
+                existing[(row[0], row[1], row[2], row[3])] = (row[4], row[5])
         for conv, key in repeats:
             if key not in existing:  # cannot happen inside the transaction; refuse rather than lie
                 raise StoreUnavailable("conversion vanished during commit")
@@ -662,45 +628,117 @@ def _insert_conversions(
     return results
 
 
-def _insert_conversions_rowwise(
-    db: sqlite3.Connection, conversions: list[Conversion], batch: int, now: float
-) -> dict[int, Ingested]:
-    """The statement-per-row path, for the rare group that JSON cannot carry."""
-    db.executemany(_CONVERSION_INSERT, [_conversion_row(c, batch, now) for c in conversions])
-    inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
-    for row in db.execute(
-        "SELECT id, tracker, click_id, event, transaction_id, event_id FROM conversions "
-        "WHERE ingest_batch = ? AND event IS NOT NULL",
-        (batch,),
-    ):
-        inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
-    results: dict[int, Ingested] = {}
-    claimed: set[tuple[str, str, str, str]] = set()
-    for conv in conversions:
-        if conv.event is None:
-            results[id(conv)] = Ingested("ignored")
-            continue
-        key = (conv.tracker, conv.click_id, conv.event, conv.transaction_id)
-        if key in inserted and key not in claimed:
-            claimed.add(key)
-            conversion_id, event_id = inserted[key]
-            results[id(conv)] = Ingested("accepted", conversion_id, event_id)
-            continue
-        row = db.execute(
-            "SELECT id, event_id FROM conversions WHERE tracker = ? AND click_id = ? AND event = ? "
-            "AND transaction_id = ?",
-            key,
-        ).fetchone()
-        if row is None:  # cannot happen inside the transaction; refuse rather than lie
-            raise StoreUnavailable("conversion vanished during commit")
-        results[id(conv)] = Ingested("duplicate", row[0], row[1])
-    return results
+def _in_transaction(db: sqlite3.Connection, fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(db, *args)` inside BEGIN IMMEDIATE ... COMMIT, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db, *args)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return result
 
 
-def _json_rows(rows: list[list[Any]]) -> str | None:
-    """Rows as one JSON text for json_each, or None when a value holds a NUL (SQLite's JSON cuts it off)."""
-    text = json.dumps(rows, separators=(",", ":"))
-    return None if "\\u0000" in text else text
+def _claim(db: sqlite3.Connection, params: dict[str, Any]) -> list[sqlite3.Row]:
+    cursor = db.execute(
+        f"""UPDATE conversions SET lease_until = :lease WHERE id IN (
+                SELECT id FROM conversions
+                WHERE state = 'pending' AND next_attempt_at <= :now
+                  AND (lease_until IS NULL OR lease_until <= :now)
+                ORDER BY next_attempt_at LIMIT :limit)
+            RETURNING {", ".join(CONVERSION_COLUMNS)}""",  # noqa: S608 -- constant column list
+        params,
+    )
+    cursor.row_factory = sqlite3.Row
+    return cursor.fetchall()
+
+
+def _clicks_for(db: sqlite3.Connection, ids: list[str]) -> dict[str, sqlite3.Row]:
+    found: dict[str, sqlite3.Row] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        cursor = db.execute(
+            f"SELECT click_id, {', '.join(CLICK_FIELDS)} FROM clicks WHERE click_id IN ({marks})",  # noqa: S608
+            chunk,
+        )
+        cursor.row_factory = sqlite3.Row
+        for row in cursor:
+            found[row["click_id"]] = row
+    return found
+
+
+# An outcome's values for _apply, in this order (see Store.apply). As SQL: the outcome's columns.
+_OUTCOME_SET = """
+    state = {state}, next_attempt_at = {next_attempt_at}, lease_until = NULL,
+    attempts = attempts + {inc},
+    sent_pixel = COALESCE({sent_pixel}, sent_pixel),
+    last_code = COALESCE({code}, last_code),
+    last_error = CASE WHEN {state} IN ('delivered', 'delivered_dry_run') THEN NULL
+                      ELSE COALESCE({error}, last_error) END,
+    request_id = COALESCE({request_id}, request_id),
+    match_keys = COALESCE({match_keys}, match_keys),
+    finished_at = {finished_at}
+"""
+_OUTCOME_ROW = (
+    "id",
+    "state",
+    "next_attempt_at",
+    "inc",
+    "sent_pixel",
+    "code",
+    "error",
+    "request_id",
+    "match_keys",
+    "finished_at",
+)
+# UPDATE ... FROM, for a whole cycle's outcomes in one statement, came with SQLite 3.33.
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+_APPLY_ONE = (
+    "UPDATE conversions SET"
+    + _OUTCOME_SET.format(**{name: f"?{i + 1}" for i, name in enumerate(_OUTCOME_ROW)})
+    + "WHERE id = ?1 AND state = 'pending'"
+)
+
+
+@functools.cache
+def _apply_many(rows: int) -> str:
+    o = {name: f"o.column{i + 1}" for i, name in enumerate(_OUTCOME_ROW)}
+    return (
+        "UPDATE conversions SET"
+        + _OUTCOME_SET.format(**o)
+        + f"FROM (VALUES {_values(rows, len(_OUTCOME_ROW), 1)}) AS o "
+        + "WHERE conversions.id = o.column1 AND conversions.state = 'pending'"
+    )
+
+
+def _apply(db: sqlite3.Connection, rows: list[list[Any]]) -> None:
+    # One statement per chunk, not one step per outcome (each a GIL handoff, as for ingest). Two
+    # outcomes for one id would apply in order row by row, but in any order in one statement.
+    if _UPDATE_FROM and len({row[0] for row in rows}) == len(rows):
+        for size, params in _chunks(db, rows, len(_OUTCOME_ROW), 0):
+            db.execute(_apply_many(size), params)
+    else:
+        db.executemany(_APPLY_ONE, rows)
+
+
+def _chunks(
+    db: sqlite3.Connection, rows: list[list[Any]], width: int, fixed: int
+) -> Iterator[tuple[int, list[Any]]]:
+    """Rows flattened into parameter lists, padded with NULL rows to a power of two.
+
+    Each chunk stays within SQLite's limit on parameters (`fixed` of them come before the rows).
+    """
+    room = (db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - fixed) // width
+    most = 1 << min(_MAX_CHUNK_ROWS.bit_length() - 1, room.bit_length() - 1)
+    for start in range(0, len(rows), most):
+        chunk = rows[start : start + most]
+        size = 1 << (len(chunk) - 1).bit_length()
+        params = [value for row in chunk for value in row]
+        params.extend([None] * ((size - len(chunk)) * width))
+        yield size, params
 
 
 def _rounds(conversions: list[Conversion]) -> list[list[Conversion]]:
@@ -727,21 +765,3 @@ def _conversion_values(conv: Conversion) -> list[Any]:
     values.append(PENDING if conv.event is not None else IGNORED)
     values.append(conv.ignored_reason)
     return values
-
-
-def _click_row(click: Click, now: float) -> dict[str, Any]:
-    row = asdict(click)
-    row["now"] = now
-    return row
-
-
-def _conversion_row(conv: Conversion, batch: int, now: float) -> dict[str, Any]:
-    row = {f: getattr(conv, f) for f in _CONVERSION_FIELDS}
-    row["event_id"] = conv.event_id
-    row["state"] = PENDING if conv.event is not None else IGNORED
-    row["reason"] = conv.ignored_reason
-    row["next_attempt_at"] = now if conv.event is not None else None
-    row["received_at"] = now
-    row["finished_at"] = None if conv.event is not None else now
-    row["batch"] = batch
-    return row

@@ -137,6 +137,10 @@ class Worker:
                     await self._sleep(IDLE_SECONDS)
                     continue
                 if handled:
+                    # Less than a full request's worth was due: let more arrive before the next claim,
+                    # or under steady load every cycle would send the few events of the last one.
+                    if handled < self.runtime.config.settings.tiktok.batch_size:
+                        await self._sleep(LINGER_SECONDS)
                     continue
                 await self._idle()
         finally:

@@ -16,6 +16,7 @@ import structlog
 from yarl import URL
 
 from bridge import logs
+from bridge.cli import explain
 from tests.conftest import Bridge, BridgeFactory
 
 KEY = "pk-7f3a9c51e2d84b06"
@@ -434,6 +435,38 @@ async def test_click_with_invalid_utf8_is_400(bridge: Bridge) -> None:
     assert status == 400
     assert json.loads(text) == {"error": "click_id: not valid UTF-8"}
     assert await nothing_kept(bridge)
+
+
+async def test_click_whose_user_agent_header_is_not_utf8_is_registered_without_it(bridge: Bridge) -> None:
+    answer = await exchange(
+        bridge,
+        b"GET /click?click_id=clk-ua&ttclid=E.C.P.ua HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"User-Agent: Mozilla/5.0 \xff\xfe\r\n\r\n",
+    )
+
+    assert answer.startswith(b"HTTP/1.1 204")
+    [row] = await bridge.store.fetchall("SELECT click_id, ttclid, user_agent FROM clicks")
+    assert tuple(row) == ("clk-ua", "E.C.P.ua", None)
+
+
+async def test_hostile_requests_sent_with_good_ones_do_not_spoil_their_commit(bridge: Bridge) -> None:
+    # Requests that arrive together share one transaction: a value the database cannot take must be
+    # refused at the door, or it would fail the commit of every postback beside it.
+    hostile = b'{"subid": "clk-\\udc80", "status": "sale"}'
+    answers = await asyncio.gather(
+        *(bridge.postback("keitaro", **{**SALE, "subid": f"good-{i}"}) for i in range(5)),
+        *(post(bridge, "/postback/keitaro", hostile, "application/json") for _ in range(3)),
+    )
+
+    assert [status for status, _ in answers] == [200] * 5 + [400] * 3
+    [row] = await bridge.store.fetchall("SELECT COUNT(*) AS n FROM conversions")
+    assert row["n"] == 5
+
+
+async def test_explain_refuses_invalid_utf8_as_the_listener_does(bridge: Bridge) -> None:
+    result = explain(bridge.config, "/postback/keitaro?status=sale&subid=%ff")
+
+    assert result == {"result": "rejected", "status": 400, "why": "subid: not valid UTF-8"}
 
 
 async def within_one_minute(send: Any) -> list[Any]:
