@@ -107,19 +107,17 @@ def explain(config: Config, url: str, click: Any = None, now: float | None = Non
         "event_id": conversion.event_id,
     }
     prepared = prepare(row, click)
-    pixel = config.pixel_name(prepared.pixel_ref or config.settings.default_pixel)
+    pixel = config.route_pixel(prepared.pixel_refs)
     result: dict[str, Any] = {
         "result": "accepted",
         "tracker": tracker.name,
         "pixel": pixel,
-        "pixel_code": config.pixel(pixel).code if pixel else None,
+        "pixel_code": config.pixel(pixel).code,
         "click_found": click is not None,
         "match_keys": list(prepared.match_keys),
         "event": prepared.event,
     }
-    if pixel is None:
-        result["warning"] = f"pixel {prepared.pixel_ref!r} is not in the config: the event would fail"
-    elif not prepared.match_keys:
+    if not prepared.match_keys:
         result["warning"] = (
             "no match key (ttclid, ttp, ip+user_agent, email, phone, external_id): would be unmatched"
         )
@@ -310,15 +308,15 @@ def cmd_test_event(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = "main config file (default: $POSTBACK_BRIDGE_CONFIG, else config/bridge.yaml)"
+    # `-c` is accepted before or after the command; after it, SUPPRESS keeps a value given before.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-c", "--config", help="main config file (default: $POSTBACK_BRIDGE_CONFIG, else config/bridge.yaml)"
-    )
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     parser = argparse.ArgumentParser(
         prog="postback-bridge",
         description="Relays tracker S2S postbacks to the TikTok Events API.",
-        parents=[common],
     )
+    parser.add_argument("-c", "--config", default=None, help=config_help)
     parser.add_argument("--version", action="version", version=f"postback-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=cmd_run)

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -278,6 +278,18 @@ class Config:
 
     def pixel_name(self, ref: str | None) -> str | None:
         return _pixel_name(self.settings.pixels, ref)
+
+    def route_pixel(self, refs: Sequence[str]) -> str:
+        """The first of `refs` that names a configured pixel (by name or code), else default_pixel.
+
+        A reference can outlive the config (a pixel removed since the click was registered); the
+        event then goes to the next candidate rather than nowhere.
+        """
+        for ref in refs:
+            name = _pixel_name(self.settings.pixels, ref)
+            if name is not None:
+                return name
+        return _pixel_name(self.settings.pixels, self.settings.default_pixel) or self.settings.default_pixel
 
     def pixel(self, name: str) -> PixelConfig:
         return self.settings.pixels[name]

@@ -24,7 +24,8 @@ MATCH_KEYS = ("ttclid", "ttp", "ip_ua", "email", "phone", "external_id")
 @dataclass(frozen=True)
 class Prepared:
     event: dict[str, Any]
-    pixel_ref: str | None  # the click's pixel, else the conversion's (postback/route/tracker)
+    # Candidates in order: the click's pixel, then the conversion's (postback, status route, tracker).
+    pixel_refs: tuple[str, ...]
     match_keys: tuple[str, ...]  # which of MATCH_KEYS the event carries
 
 
@@ -68,5 +69,5 @@ def prepare(conversion: Mapping[str, Any], click: Mapping[str, Any] | None) -> P
     if "ip" in user and "user_agent" in user:
         keys.append("ip_ua")
     keys.extend(k for k in ("email", "phone", "external_id") if k in user)
-    pixel_ref = _get(click, "pixel") or _get(conversion, "pixel")
-    return Prepared(event=event, pixel_ref=pixel_ref, match_keys=tuple(keys))
+    refs = tuple(ref for ref in (_get(click, "pixel"), _get(conversion, "pixel")) if ref)
+    return Prepared(event=event, pixel_refs=refs, match_keys=tuple(keys))

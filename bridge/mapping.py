@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bridge.config import TrackerConfig
-from bridge.matching import hash_identifiers, scrub_url
+from bridge.matching import HashedIdentifiers, hash_identifiers, scrub_url
 
 # Longest value accepted per canonical field; anything longer is a 400 naming the field.
 MAX_LENGTH = {
@@ -167,6 +167,16 @@ def parse_ip(text: str | None, dropped: list[str]) -> str | None:
         return None
 
 
+_NOTHING_HASHED = HashedIdentifiers()
+
+
+def _hashed(email: str | None, phone: str | None, external_id: str | None, region: str) -> HashedIdentifiers:
+    # Most postbacks and clicks carry none of the three: no call, no new object for them.
+    if email is None and phone is None and external_id is None:
+        return _NOTHING_HASHED
+    return hash_identifiers(email, phone, external_id, region)
+
+
 def render_event_id(template: str, **fields: str) -> str:
     return template.format_map(fields)
 
@@ -203,7 +213,7 @@ def build_conversion(
     else:
         event, reason = route.event, None
 
-    hashed = hash_identifiers(
+    hashed = _hashed(
         clean(params, "email", dropped),
         clean(params, "phone", dropped),
         clean(params, "external_id", dropped),
@@ -273,7 +283,7 @@ def build_click(
     if click_id is None:
         raise BadParameter("click_id", "missing")
     dropped: list[str] = []
-    hashed = hash_identifiers(
+    hashed = _hashed(
         clean(raw, "email", dropped),
         clean(raw, "phone", dropped),
         clean(raw, "external_id", dropped),

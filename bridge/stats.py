@@ -99,12 +99,12 @@ async def refresh_gauges(runtime: Runtime, now: float | None = None) -> None:
     depth: dict[str, int] = {}
     oldest: dict[str, float] = {}
     for row in await store.fetchall(
-        "SELECT COALESCE(NULLIF(k.pixel, ''), NULLIF(c.pixel, '')) AS ref, COUNT(*) AS n, "
+        "SELECT k.pixel AS click_ref, c.pixel AS ref, COUNT(*) AS n, "
         "MIN(c.received_at) AS oldest FROM conversions c LEFT JOIN clicks k ON k.click_id = c.click_id "
-        "WHERE c.state = 'pending' GROUP BY 1"
+        "WHERE c.state = 'pending' GROUP BY 1, 2"
     ):
-        # Pixel refs come from postbacks and clicks: a name the config lacks must not become a label.
-        pixel = config.pixel_name(row["ref"] or config.settings.default_pixel) or "(unknown)"
+        # Routed as the worker routes: a name the config lacks never becomes a label.
+        pixel = config.route_pixel([ref for ref in (row["click_ref"], row["ref"]) if ref])
         depth[pixel] = depth.get(pixel, 0) + row["n"]
         oldest[pixel] = max(oldest.get(pixel, 0.0), now - row["oldest"])
     persisted = {

@@ -219,6 +219,9 @@ def _conversions_insert(rows: int) -> str:
     reads all of a statement's rows before inserting any when its SELECT reads the table it inserts
     into, so this EXISTS does not see rows of its own statement: _rounds() never puts two
     conversions of one tracker, click and event into one statement.
+
+    A conversion without a transaction id, for a click that already has that event, cannot be told
+    apart from a repeat: it is not inserted, and answered as a duplicate of the first one.
     """
     r = {name: f"r.column{i + 1}" for i, name in enumerate(_CONVERSION_ROW)}
     return f"""
@@ -235,6 +238,9 @@ SELECT {", ".join(r[f] for f in _CONVERSION_FIELDS)},
     CASE WHEN {r["state"]} = 'pending' THEN ?1 END, ?1, CASE WHEN {r["state"]} <> 'pending' THEN ?1 END, ?2
 FROM (VALUES {_values(rows, len(_CONVERSION_ROW), 3)}) AS r
 WHERE r.column1 IS NOT NULL
+  AND NOT ({r["event"]} IS NOT NULL AND {r["transaction_id"]} = '' AND EXISTS (
+            SELECT 1 FROM conversions c
+            WHERE c.tracker = {r["tracker"]} AND c.click_id = {r["click_id"]} AND c.event = {r["event"]}))
 ON CONFLICT (tracker, click_id, event, transaction_id) WHERE event IS NOT NULL DO NOTHING
 """  # noqa: S608 -- column names are constants; values are bound
 
@@ -250,10 +256,10 @@ FROM conversions WHERE ingest_batch = ? AND event IS NOT NULL
 def _existing(rows: int) -> str:
     """The conversions that repeats of a group are duplicates of, as one JSON row."""
     return f"""
-SELECT json_group_array(json_array(c.tracker, c.click_id, c.event, c.transaction_id, c.id, c.event_id))
+SELECT json_group_array(json_array(k.column1, k.column2, k.column3, k.column4, c.id, c.event_id))
 FROM (VALUES {_values(rows, 4, 1)}) AS k CROSS JOIN conversions AS c
 WHERE c.tracker = k.column1 AND c.click_id = k.column2 AND c.event = k.column3
-  AND c.transaction_id = k.column4
+  AND (c.transaction_id = k.column4 OR k.column4 = '')
 """  # noqa: S608 -- column names are constants; values are bound
 
 
@@ -620,7 +626,10 @@ def _insert_conversions(
         keys = [list(key) for key in dict.fromkeys(key for _, key in repeats)]
         for size, params in _chunks(db, keys, 4, 0):
             for row in json.loads(db.execute(_existing(size), params).fetchone()[0]):
-                existing[(row[0], row[1], row[2], row[3])] = (row[4], row[5])
+                key = (row[0], row[1], row[2], row[3])
+                # Without a transaction id, the duplicate is of the click's first such conversion.
+                if key not in existing or row[4] < existing[key][0]:
+                    existing[key] = (row[4], row[5])
         for conv, key in repeats:
             if key not in existing:  # cannot happen inside the transaction; refuse rather than lie
                 raise StoreUnavailable("conversion vanished during commit")

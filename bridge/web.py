@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -213,6 +214,9 @@ async def postback(request: web.Request) -> web.Response:
         conversion = build_conversion(
             tracker, params, time.time(), config.settings.matching.default_phone_region
         )
+        # Tracker and status-route pixels are checked with the config; only the postback's own can be unknown.
+        if conversion.pixel is not None and config.pixel_name(conversion.pixel) is None:
+            raise BadParameter("pixel", "not a configured pixel name or code")
     except BadParameter as exc:
         metrics.postbacks.labels(name, "rejected").inc()
         log.info("postback rejected", tracker=name, why=str(exc))
@@ -307,6 +311,11 @@ async def click(request: web.Request) -> web.Response:
         registration = build_click(
             params, ip, request.headers.get("User-Agent"), settings.matching.default_phone_region
         )
+        if registration.pixel is not None and runtime.config.pixel_name(registration.pixel) is None:
+            # A visitor must not route conversions to nowhere: an unknown pixel is dropped, counted.
+            registration = dataclasses.replace(
+                registration, pixel=None, dropped=(*registration.dropped, "pixel")
+            )
     except BadParameter as exc:
         metrics.clicks.labels("rejected").inc()
         return web.Response(
@@ -412,7 +421,7 @@ class _MalformedRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
-            peer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "a client"
             record.msg = "malformed HTTP request from %s refused: %s"
             record.args = (peer, type(exc.__cause__ or exc).__name__)
             record.exc_info = None

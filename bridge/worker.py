@@ -222,18 +222,7 @@ class Worker:
                     )
                 )
                 continue
-            pixel = config.pixel_name(prepared.pixel_ref or settings.default_pixel)
-            if pixel is None:
-                outcomes.append(
-                    Outcome(
-                        row["id"],
-                        FAILED,
-                        count_attempt=False,
-                        match_keys=keys,
-                        error=f"unknown pixel {prepared.pixel_ref!r}: not in the config's pixels",
-                    )
-                )
-                continue
+            pixel = config.route_pixel(prepared.pixel_refs)
             if not prepared.match_keys:
                 outcomes.append(
                     Outcome(row["id"], UNMATCHED, count_attempt=False, sent_pixel=pixel, match_keys="")

@@ -183,3 +183,21 @@ async def test_explain_reads_the_click_from_the_database(
     assert result["click_found"] is True
     assert result["pixel"] == "second"
     assert result["event"]["user"]["ttclid"] == "E.C.P.stored"
+
+
+def test_config_option_works_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = base_settings()
+    settings["tiktok"]["batch_size"] = 0
+    path = write_config(tmp_path, settings)
+
+    code, _, err = run_cli(capsys, "-c", str(path), "check-config")
+
+    assert code == 2
+    assert f"{path}: tiktok.batch_size:" in err
+
+
+def test_config_option_after_the_command_wins(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write_config(tmp_path / "good", base_settings())
+    code, out, _ = run_cli(capsys, "-c", str(tmp_path / "missing.yaml"), "check-config", "-c", str(good))
+    assert code == 0
+    assert str(good) in out

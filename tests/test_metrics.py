@@ -153,12 +153,12 @@ async def test_queue_depth_is_per_pixel_as_the_worker_routes_events(bridge: Brid
     assert value(samples, "bridge_queue_depth", pixel="second") == 0
 
 
-async def test_a_pixel_the_config_lacks_is_one_label_not_one_per_name(bridge: Bridge) -> None:
+async def test_a_pixel_the_config_lacks_never_becomes_a_label(bridge: Bridge) -> None:
     await bridge.click(click_id="u1", pixel="made-up-by-a-visitor")
     await bridge.postback("keitaro", **sale("u1"))
     samples = await scrape(bridge)
 
-    assert value(samples, "bridge_queue_depth", pixel="(unknown)") == 1
+    assert value(samples, "bridge_queue_depth", pixel="main") == 1
     assert not any("made-up-by-a-visitor" in str(labels) for _, labels in samples)
 
 

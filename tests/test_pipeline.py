@@ -275,3 +275,27 @@ async def test_missing_click_id_is_400_naming_it_and_stores_nothing(bridge: Brid
 async def test_healthz(bridge: Bridge) -> None:
     resp = await bridge.client.get("/healthz")
     assert resp.status == 200
+
+
+async def test_conversion_without_transaction_id_after_one_with_is_a_duplicate(bridge: Bridge) -> None:
+    base = {"subid": "e1", "external_id": "E.C.P.e"}
+    _, first = await bridge.postback("keitaro", status="sale", tid="A", **base)
+    _, bare = await bridge.postback("keitaro", status="sale", **base)
+    _, rebill = await bridge.postback("keitaro", status="rebill", tid="B", **base)
+    await bridge.deliver()
+
+    # Without a transaction id it cannot be told from a repeat; TikTok would merge it anyway.
+    assert bare == {"result": "duplicate", "conversion_id": first["conversion_id"]}
+    assert rebill["event_id"] == "e1_Purchase_B"
+    assert sorted(bridge.fake.event_ids()) == ["e1_Purchase", "e1_Purchase_B"]
+
+
+async def test_transaction_id_after_one_without_gets_its_own_event_id(bridge: Bridge) -> None:
+    base = {"subid": "e2", "external_id": "E.C.P.e"}
+    _, bare = await bridge.postback("keitaro", status="sale", **base)
+    _, with_tid = await bridge.postback("keitaro", status="rebill", tid="B", **base)
+    _, bare_again = await bridge.postback("keitaro", status="sale", **base)
+
+    assert bare["event_id"] == "e2_Purchase"
+    assert with_tid["event_id"] == "e2_Purchase_B"
+    assert bare_again == {"result": "duplicate", "conversion_id": bare["conversion_id"]}

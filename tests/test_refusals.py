@@ -8,16 +8,19 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 import structlog
+from aiohttp import ClientResponse
 from yarl import URL
 
 from bridge import logs
 from bridge.cli import explain
 from tests.conftest import Bridge, BridgeFactory
+
+T = TypeVar("T")
 
 KEY = "pk-7f3a9c51e2d84b06"
 SALE = {"subid": "clk-refusal-1", "status": "sale", "revenue": "45", "currency": "USD", "tid": "T-1"}
@@ -469,7 +472,7 @@ async def test_explain_refuses_invalid_utf8_as_the_listener_does(bridge: Bridge)
     assert result == {"result": "rejected", "status": 400, "why": "subid: not valid UTF-8"}
 
 
-async def within_one_minute(send: Any) -> list[Any]:
+async def within_one_minute(send: Callable[[], Awaitable[T]]) -> T:
     """Run `send()` inside one clock minute (the limiter's window); again if the minute turned meanwhile."""
     for _ in range(3):
         window = int(time.time() // 60)
@@ -498,10 +501,12 @@ async def test_clicks_past_the_per_minute_limit_are_429_and_not_stored(make_brid
 
 
 async def test_a_429_says_when_to_retry(make_bridge: BridgeFactory) -> None:
-    bridge = await make_bridge(lambda s: s["server"].update(click_limit_per_minute=1))
-    await bridge.click(click_id="clk-1")
+    async def over_the_limit() -> ClientResponse:
+        bridge = await make_bridge(lambda s: s["server"].update(click_limit_per_minute=1))
+        await bridge.click(click_id="clk-1")
+        return await bridge.client.get("/click", params={"click_id": "clk-2"})
 
-    resp = await bridge.client.get("/click", params={"click_id": "clk-2"})
+    resp = await within_one_minute(over_the_limit)
 
     assert resp.status == 429
     assert 1 <= int(resp.headers["Retry-After"]) <= 60

@@ -96,14 +96,44 @@ async def test_default_pixel_routes_when_nothing_names_one(make_bridge: BridgeFa
     assert sent_to(bridge) == {"d1_Lead": (SECOND_CODE, SECOND_TOKEN)}
 
 
-async def test_click_naming_an_unknown_pixel_fails_the_event_with_the_reason(bridge: Bridge) -> None:
+async def test_click_naming_an_unknown_pixel_falls_back_along_the_chain(bridge: Bridge) -> None:
     await bridge.click(click_id="u1", ttclid="E.C.P.u1", pixel="CNOSUCHPIXEL")
     _, body = await bridge.postback("keitaro", subid="u1", status="lead")
     await bridge.deliver()
     row = await bridge.row(body["conversion_id"])
-    assert row["state"] == "failed"
-    assert "CNOSUCHPIXEL" in row["last_error"]
-    assert bridge.fake.requests == []
+    assert row["state"] == "delivered"
+    assert sent_to(bridge) == {"u1_Lead": (MAIN_CODE, MAIN_TOKEN)}
+    metrics = await (await bridge.client.get("/metrics")).text()
+    assert 'bridge_identifiers_dropped_total{field="pixel"} 1.0' in metrics
+
+
+async def test_pixel_removed_from_the_config_after_the_click_falls_back_to_the_default(
+    bridge: Bridge,
+) -> None:
+    import dataclasses
+
+    await bridge.click(click_id="u2", ttclid="E.C.P.u2", pixel="second")
+    await bridge.postback("keitaro", subid="u2", status="lead")
+    settings = bridge.config.settings
+    pixels = {"main": settings.pixels["main"]}
+    bridge.runtime.config = dataclasses.replace(
+        bridge.config, settings=settings.model_copy(update={"pixels": pixels})
+    )
+    await bridge.deliver()
+    assert sent_to(bridge) == {"u2_Lead": (MAIN_CODE, MAIN_TOKEN)}
+
+
+async def test_postback_naming_an_unknown_pixel_is_400(make_bridge: Any) -> None:
+    tracker = {
+        "name": "net",
+        "params": {"click_id": "cid", "status": "st", "ttclid": "tt", "pixel": "px"},
+        "events": {"ok": "Lead"},
+    }
+    bridge = await make_bridge(trackers={"net": tracker})
+    status, body = await bridge.postback("net", cid="p1", st="ok", tt="E.C.P.p", px="CNOSUCHPIXEL")
+    assert status == 400
+    assert body["error"].startswith("pixel:")
+    assert await bridge.states() == {}
 
 
 # -- test_event_code and batches ----------------------------------------------------------------------
