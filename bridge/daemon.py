@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import signal
 import time
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +35,7 @@ class Daemon:
         self.worker: Worker | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._lock_file: IO[str] | None = None
         self._reloads: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.port: int | None = None
@@ -54,6 +57,7 @@ class Daemon:
                 "server.host is a loopback address and server.trusted_proxies is empty: behind a reverse "
                 "proxy, set trusted_proxies (e.g. [127.0.0.1/32]) so clicks carry the visitor's ip"
             )
+        self._lock_database(config.db_path)
         try:
             store = await Store(config.db_path).open()
         except StoreUnavailable as exc:
@@ -107,8 +111,28 @@ class Daemon:
             await runner.cleanup()
             await session.close()
             await store.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
             log.info("stopped")
             self.notifier.close()
+
+    def _lock_database(self, db_path: Path) -> None:
+        """One daemon per database: a second one would release the first one's leases at start-up
+        and send its in-flight events again. The lock goes with the process, even on kill -9."""
+        lock_path = db_path.with_name(db_path.name + ".lock")
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = lock_path.open("a")
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise StoreUnavailable(f"storage.path: cannot create {lock_path}: {why}") from None
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StoreUnavailable(
+                f"storage.path: another postback-bridge daemon is running on {db_path} (lock {lock_path})"
+            ) from None
 
     def stop(self) -> None:
         self._stop.set()

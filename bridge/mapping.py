@@ -38,6 +38,9 @@ _MACRO = re.compile(r"^(?:\$?\{+[^{}]*\}+|__[A-Z0-9_]+__|#[A-Za-z_][A-Za-z0-9_]*
 # Control characters are no part of any id, status, amount or URL: garbage or an injection attempt.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MACRO_FIRST = frozenset("${_#%")
+# ASCII digits only: float() would also take "١٢٣", "1_000", "nan" and "inf".
+_NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$", re.ASCII)
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d{1,2}$", re.ASCII)
 _CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 # An IPv4 address already in canonical form (no leading zeros), which ipaddress would return unchanged.
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -117,12 +120,13 @@ def canonical_params(tracker: TrackerConfig, raw: Mapping[str, str]) -> dict[str
 def parse_value(text: str | None) -> float | None:
     if text is None:
         return None
-    # Some networks write decimals with a comma ("45,00"); a single comma is read as the point.
-    candidate = text.replace(",", ".") if text.count(",") == 1 and "." not in text else text
-    try:
-        number = float(candidate)
-    except ValueError:
-        raise BadParameter("value", f"not a number: {text[:32]!r}") from None
+    # Some networks write decimals with a comma ("45,00"). One or two digits after it can only be
+    # cents; "1,000" could be a thousand or one, so it is refused rather than guessed.
+    candidate = text.replace(",", ".") if _DECIMAL_COMMA.match(text) else text
+    if not _NUMBER.match(candidate):
+        why = "ambiguous comma (write 1000, or 1.00 for one)" if "," in text else "not a number"
+        raise BadParameter("value", f"{why}: {text[:32]!r}")
+    number = float(candidate)
     if not math.isfinite(number):
         raise BadParameter("value", f"not a finite number: {text[:32]!r}")
     if number < 0:

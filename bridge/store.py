@@ -131,6 +131,9 @@ CONVERSION_COLUMNS = (
 )
 
 
+PRUNE_SLICE = 2000
+
+
 class StoreUnavailable(Exception):
     """The database could not commit (disk full, read-only, locked, shutting down)."""
 
@@ -548,15 +551,34 @@ class Store:
         return rows[0] if rows else None
 
     async def prune(self, now: float, clicks_age: float, finished_age: float) -> tuple[int, int]:
-        """Delete clicks and finished conversions past retention; pending ones are never pruned."""
-        async with self._lock:
-            db = self.db
-            clicks = await db.execute("DELETE FROM clicks WHERE created_at < ?", (now - clicks_age,))
-            conversions = await db.execute(
-                "DELETE FROM conversions WHERE finished_at IS NOT NULL AND finished_at < ?",
-                (now - finished_age,),
-            )
-            return clicks.rowcount, conversions.rowcount
+        """Delete clicks and finished conversions past retention; pending ones are never pruned.
+
+        In slices of PRUNE_SLICE rows, each its own short transaction, so the first prune of a
+        large database never holds up ingest (which waits for the same lock) for long.
+        """
+        totals = []
+        for sql, cutoff in (
+            (
+                "DELETE FROM clicks WHERE click_id IN "
+                "(SELECT click_id FROM clicks WHERE created_at < ? LIMIT ?)",
+                now - clicks_age,
+            ),
+            (
+                "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions "
+                "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)",
+                now - finished_age,
+            ),
+        ):
+            total = 0
+            while True:
+                async with self._lock:
+                    cursor = await self.db.execute(sql, (cutoff, PRUNE_SLICE))
+                total += cursor.rowcount
+                if cursor.rowcount < PRUNE_SLICE:
+                    break
+                await asyncio.sleep(0)  # let waiting commits through between slices
+            totals.append(total)
+        return totals[0], totals[1]
 
     async def requeue_failed(self, ids: Sequence[int] | None, now: float) -> int:
         """Move dead letters (all, or the given ids) back to pending with a fresh attempt count."""

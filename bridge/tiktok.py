@@ -198,9 +198,10 @@ class TikTokClient:
         except (aiohttp.ClientError, OSError) as exc:
             name = type(exc).__name__
             detail = f"{name}: {exc}" if str(exc) else name
-            answer = classify(None, None, f"connection error: {detail}")
+            answer = classify(None, None, f"connection error: {detail.replace(access_token, '<token>')}")
         else:
-            answer = classify(status, answer_body)
+            # Scrubbed before classify() shortens the message, so a cut cannot leave part of it behind.
+            answer = classify(status, answer_body.replace(access_token.encode(), b"<token>"))
         if access_token in answer.message:
             answer = dataclasses.replace(answer, message=answer.message.replace(access_token, "<token>"))
         return answer

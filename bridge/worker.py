@@ -131,18 +131,16 @@ class Worker:
                 store.committed.clear()
                 try:
                     handled = await self.run_once()
-                except Exception as exc:  # keep delivering: a bad cycle must not stop the worker
+                    if handled:
+                        # Less than a full request's worth was due: let more arrive before the next
+                        # claim, or under steady load every cycle would send the few events of the last.
+                        if handled < self.runtime.config.settings.tiktok.batch_size:
+                            await self._sleep(LINGER_SECONDS)
+                        continue
+                    await self._idle()
+                except Exception as exc:  # keep delivering: a bad cycle (or idle query) must not stop it
                     log.error("delivery cycle failed", error=repr(exc))
-                    handled = 0
                     await self._sleep(IDLE_SECONDS)
-                    continue
-                if handled:
-                    # Less than a full request's worth was due: let more arrive before the next claim,
-                    # or under steady load every cycle would send the few events of the last one.
-                    if handled < self.runtime.config.settings.tiktok.batch_size:
-                        await self._sleep(LINGER_SECONDS)
-                    continue
-                await self._idle()
         finally:
             self.runtime.worker_running = False
 

@@ -419,4 +419,5 @@ def test_run_with_an_unusable_storage_path_is_one_line_and_exit_1(tmp_path: Path
     assert "Traceback" not in result.stderr
     database = tmp_path / "not-a-directory" / "bridge.db"
     last = result.stderr.splitlines()[-1]
-    assert last.startswith(f"postback-bridge: storage.path: cannot open the database {database}: ")
+    assert last.startswith("postback-bridge: storage.path: cannot ")
+    assert str(database) in last

@@ -299,3 +299,10 @@ async def test_transaction_id_after_one_without_gets_its_own_event_id(bridge: Br
     assert bare["event_id"] == "e2_Purchase"
     assert with_tid["event_id"] == "e2_Purchase_B"
     assert bare_again == {"result": "duplicate", "conversion_id": bare["conversion_id"]}
+
+
+async def test_thousands_comma_is_refused_rather_than_guessed(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", subid="t1", status="sale", revenue="1,000")
+    assert status == 400
+    assert body["error"].startswith("value: ambiguous comma")
+    assert await bridge.states() == {}
