@@ -97,7 +97,8 @@ def _networks(value: Any) -> Any:
 
 
 class ServerConfig(_Model):
-    host: str = "127.0.0.1"
+    # Non-empty: an empty host would silently listen on every address.
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8080, ge=1, le=65535)
     trusted_proxies: list[Network] = []
     click_limit_per_minute: int = Field(600, ge=0)
@@ -218,7 +219,11 @@ class TrackerConfig(_Model):
             # `sale: Purchase` and `rejected: null` are shorthand for {event: ...}.
             if route is None or isinstance(route, str):
                 route = {"event": route}
-            routes[str(status).strip().lower()] = route
+            name = str(status).strip().lower()
+            if name in routes:
+                # Statuses match case-insensitively, so `Sale` and `sale` would silently be one.
+                raise ValueError(f"status {status!r} is listed twice (statuses are case-insensitive)")
+            routes[name] = route
         return routes
 
     @field_validator("default_currency")
@@ -426,6 +431,7 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
                 continue
             problems.extend(_tracker_pixel_problems(file, tracker, settings))
             warnings.extend(_custom_event_warnings(file, tracker))
+            warnings.extend(_open_tracker_warnings(file, tracker, settings))
             trackers[tracker.name] = tracker
             origin[tracker.name] = file
     if problems:
@@ -457,6 +463,30 @@ def _tracker_pixel_problems(file: Path, tracker: TrackerConfig, settings: Settin
                 f"{file}: events.{status}.pixel: {route.pixel!r} is not one of pixels in the main config"
             )
     return problems
+
+
+def _open_tracker_warnings(file: Path, tracker: TrackerConfig, settings: Settings) -> list[str]:
+    """A tracker with neither key nor allow_ips takes postbacks from anyone who can reach the bridge.
+
+    Harmless while only the VPS itself can reach it (loopback, no proxy in front), so said only then.
+    """
+    server = settings.server
+    reachable = server.trusted_proxies or not is_loopback(server.host)
+    if tracker.key or tracker.allow_ips or not reachable:
+        return []
+    return [
+        f"{file}: key: empty and allow_ips empty, so anyone who finds /postback/{tracker.name} "
+        "can report conversions; set a key (or allow_ips)"
+    ]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _custom_event_warnings(file: Path, tracker: TrackerConfig) -> list[str]:

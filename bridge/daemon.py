@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import signal
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import IO
 import aiohttp
 from aiohttp import web
 
-from bridge.config import Config, ConfigError, load_config
+from bridge.config import Config, ConfigError, is_loopback, load_config
 from bridge.logs import get_logger
 from bridge.runtime import Runtime
 from bridge.sdnotify import Notifier
@@ -50,7 +49,7 @@ class Daemon:
             )
         for warning in config.warnings:
             log.warning("config", problem=warning)
-        if _is_loopback(settings.server.host) and not settings.server.trusted_proxies:
+        if is_loopback(settings.server.host) and not settings.server.trusted_proxies:
             # Browsers can reach a loopback listener only through a reverse proxy, whose address
             # would then be stored as every visitor's ip.
             log.warning(
@@ -228,13 +227,6 @@ class Daemon:
             if self.runtime.worker_running:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def run(config_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as _json  # `json` is configure()'s argument
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -33,13 +34,30 @@ REDACTED = "[redacted]"
 LIBRARY_LEVEL = logging.WARNING
 
 
+# Email and phone hashes (TikTok's `user.email: [sha256]`) are what the bridge sends and may be shown;
+# anything else under those names could be a raw value and is not.
+_HASHABLE_KEYS = frozenset({"email", "phone"})
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _secret(name: object) -> bool:
     return isinstance(name, str) and name.lower() in SECRET_KEYS
 
 
+def _hashes(value: Any) -> bool:
+    values = value if isinstance(value, list | tuple) else [value]
+    return all(isinstance(v, str) and _SHA256.match(v) for v in values)
+
+
+def _hidden(name: object, value: Any) -> bool:
+    if not _secret(name):
+        return False
+    return not (str(name).lower() in _HASHABLE_KEYS and _hashes(value))
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: REDACTED if _secret(k) else _scrub(v) for k, v in value.items()}
+        return {k: REDACTED if _hidden(k, v) else _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value
@@ -55,7 +73,8 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
     for name, value in list(event_dict.items()):
         if name not in _PLAIN_NAMES:
             if _secret(name):
-                event_dict[name] = REDACTED
+                if _hidden(name, value):
+                    event_dict[name] = REDACTED
                 continue
             if len(_PLAIN_NAMES) < 1024:
                 _PLAIN_NAMES.add(name)

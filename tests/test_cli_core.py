@@ -201,3 +201,39 @@ def test_config_option_after_the_command_wins(tmp_path: Path, capsys: pytest.Cap
     code, out, _ = run_cli(capsys, "-c", str(tmp_path / "missing.yaml"), "check-config", "-c", str(good))
     assert code == 0
     assert str(good) in out
+
+
+def test_status_listed_twice_in_different_case_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tracker = {"name": "net", "params": {"click_id": "cid"}, "events": {"Sale": "Purchase", "sale": "Lead"}}
+    path = write_config(tmp_path, base_settings(), {"net": tracker})
+    code, _, err = run_cli(capsys, "check-config", "-c", str(path))
+    assert code == 2
+    assert "net.yaml: events: " in err and "listed twice" in err
+
+
+def test_empty_listen_host_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = base_settings()
+    settings["server"]["host"] = ""
+    code, _, err = run_cli(capsys, "check-config", "-c", str(write_config(tmp_path, settings)))
+    assert code == 2
+    assert "server.host:" in err
+
+
+def test_open_tracker_on_a_public_listener_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = base_settings()
+    settings["server"]["host"] = "0.0.0.0"
+    code, _, err = run_cli(capsys, "check-config", "-c", str(write_config(tmp_path, settings)))
+    assert code == 0
+    assert "anyone who finds /postback/keitaro can report conversions" in err
+
+
+def test_open_tracker_on_loopback_without_proxy_is_not_warned_about(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(capsys, "check-config", "-c", str(config_path))
+    assert code == 0
+    assert "anyone who finds" not in err

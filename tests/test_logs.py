@@ -214,6 +214,15 @@ def test_secret_fields_are_redacted_whoever_logs_them(out: Captured) -> None:
     assert not any(secret in out.getvalue() for secret in ("tok-1", "tok-2", "key-1", "key-2", "a@b.c"))
 
 
+def test_hashes_under_email_and_phone_are_shown_raw_values_are_not(out: Captured) -> None:
+    digest = "848a771458438fc2ec420560d769fb9b9b86851ee338ec56517baabd79d3bb4f"
+    logs.get_logger("bridge.test").info(
+        "batch", payload={"data": [{"user": {"email": [digest], "phone": "+12133734253"}}]}
+    )
+    [line] = out.find("batch")
+    assert line["payload"]["data"][0]["user"] == {"email": [digest], "phone": "[redacted]"}
+
+
 def test_library_errors_come_out_as_json_lines_too(out: Captured) -> None:
     try:
         raise ValueError("boom")
