@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -359,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"postback-bridge: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        # e.g. "database is locked" while the daemon holds a long write: worth a retry, not a traceback.
+        print(f"postback-bridge: database: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -368,6 +368,9 @@ def _read_yaml(path: Path, environ: Mapping[str, str], problems: list[str]) -> d
         return None
     try:
         data = yaml.load(text, Loader=_SafeUniqueLoader)  # a SafeLoader: safe, never yaml.Loader
+    except RecursionError:
+        problems.append(f"{path}: YAML nests too deeply (or an alias refers to itself)")
+        return None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -380,7 +383,11 @@ def _read_yaml(path: Path, environ: Mapping[str, str], problems: list[str]) -> d
         problems.append(f"{path}: must be a mapping of keys to values")
         return None
     errors: list[str] = []
-    data = expand_env(data, environ, "", errors)
+    try:
+        data = expand_env(data, environ, "", errors)
+    except RecursionError:
+        problems.append(f"{path}: YAML nests too deeply (or an alias refers to itself)")
+        return None
     problems.extend(f"{path}: {e}" for e in errors)
     return data if not errors else None
 

@@ -237,3 +237,13 @@ def test_open_tracker_on_loopback_without_proxy_is_not_warned_about(
     code, _, err = run_cli(capsys, "check-config", "-c", str(config_path))
     assert code == 0
     assert "anyone who finds" not in err
+
+
+def test_self_referring_yaml_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text("a: &a [*a]\n")
+    code, _, err = run_cli(capsys, "check-config", "-c", str(path))
+    assert code == 2
+    assert err.strip() == f"config error: {path}: YAML nests too deeply (or an alias refers to itself)"

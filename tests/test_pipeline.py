@@ -44,16 +44,22 @@ async def test_keitaro_sale_is_accepted_and_delivered_with_its_event_id(bridge: 
     assert row["request_id"] == event["_request_id"]
 
 
-async def test_accepted_means_committed_to_disk(bridge: Bridge) -> None:
+async def test_accepted_is_answered_only_once_committed(bridge: Bridge) -> None:
+    import asyncio
     import sqlite3
 
-    _, body = await bridge.postback("keitaro", **KEITARO_SALE)
-    # A separate connection sees the row as soon as the answer is out: it was committed first.
-    db = sqlite3.connect(bridge.config.db_path)
-    try:
-        state = db.execute("SELECT state FROM conversions WHERE id = ?", (body["conversion_id"],)).fetchone()
-    finally:
-        db.close()
+    # Another connection holds the write lock: the bridge cannot commit, so it must not answer yet.
+    other = sqlite3.connect(bridge.config.db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    answer = asyncio.ensure_future(bridge.postback("keitaro", **KEITARO_SALE))
+    done, _ = await asyncio.wait({answer}, timeout=0.5)
+    assert not done, "answered while the commit could not have happened"
+    other.execute("ROLLBACK")
+
+    status, body = await answer
+    assert (status, body["result"]) == (200, "accepted")
+    state = other.execute("SELECT state FROM conversions WHERE id = ?", (body["conversion_id"],)).fetchone()
+    other.close()
     assert state == ("pending",)
 
 

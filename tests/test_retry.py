@@ -30,10 +30,6 @@ def test_delay_doubles_per_attempt_until_the_cap() -> None:
     assert [backoff.delay(n, 0.0) for n in range(1, 9)] == [2, 4, 8, 16, 32, 64, 120, 120]
 
 
-def test_default_cap_is_at_most_two_minutes() -> None:
-    assert Backoff().cap <= 120.0
-
-
 @given(policy=policies, attempt=attempts, rand=rands)
 def test_delay_never_exceeds_cap_and_is_never_negative(policy: Backoff, attempt: int, rand: float) -> None:
     assert 0.0 <= policy.delay(attempt, rand) <= policy.cap
