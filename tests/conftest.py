@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
+from bridge import logs
 from bridge.config import Config, load_config
 from bridge.runtime import Runtime
 from bridge.store import Store
@@ -116,6 +120,19 @@ class Bridge:
     async def states(self) -> dict[str, int]:
         rows = await self.store.fetchall("SELECT state, COUNT(*) AS n FROM conversions GROUP BY state")
         return {row["state"]: row["n"] for row in rows}
+
+
+@pytest.fixture
+def log_text() -> Iterator[io.StringIO]:
+    """Everything logged, the bridge's lines and the libraries', as JSON lines as the daemon writes them."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    logs.configure(stream=stream, json=True)
+    yield stream
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -12,18 +12,14 @@ import gzip
 import io
 import itertools
 import json
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import pytest
-import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from bridge import logs
 from tests.conftest import Bridge, BridgeFactory
 
 KEY = "fz-key-0a1b2c3d4e"
@@ -341,19 +337,6 @@ ORDINARY = itertools.count()
 async def fuzzed(make_bridge: BridgeFactory) -> Bridge:
     """The shipped trackers, Keitaro's with a postback key the fuzzer sometimes knows."""
     return await make_bridge(environ={"KEITARO_POSTBACK_KEY": KEY})
-
-
-@pytest.fixture
-def log_text() -> Iterator[io.StringIO]:
-    """Everything logged, the bridge's lines and the libraries', as the daemon would write it."""
-    stream = io.StringIO()
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    logs.configure(stream=stream, json=True)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def errors_logged(stream: io.StringIO) -> list[str]:

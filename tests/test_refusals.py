@@ -8,15 +8,13 @@ import io
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
-import structlog
 from aiohttp import ClientResponse
 from yarl import URL
 
-from bridge import logs
 from bridge.cli import explain
 from tests.conftest import Bridge, BridgeFactory
 
@@ -37,19 +35,6 @@ LOOPBACK_ONLY = {**GUARDED, "name": "local", "allow_ips": ["127.0.0.0/8"]}
 async def keyed(make_bridge: BridgeFactory) -> Bridge:
     """The shipped trackers, with the Keitaro postback key set."""
     return await make_bridge(environ={"KEITARO_POSTBACK_KEY": KEY})
-
-
-@pytest.fixture
-def log_text() -> Iterator[io.StringIO]:
-    """Everything the bridge logs (its own lines and the libraries'), as the daemon would write it."""
-    stream = io.StringIO()
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    logs.configure(stream=stream, json=True)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 async def nothing_kept(bridge: Bridge) -> bool:
