@@ -100,14 +100,12 @@ CLICK_FIELDS = (
     "phone_hash",
     "external_id_hash",
 )
-CONVERSION_COLUMNS = (
-    "id",
+_CONVERSION_FIELDS = (
     "tracker",
     "click_id",
     "status",
     "event",
     "transaction_id",
-    "event_id",
     "event_time",
     "value",
     "currency",
@@ -120,6 +118,12 @@ CONVERSION_COLUMNS = (
     "email_hash",
     "phone_hash",
     "external_id_hash",
+)
+# What a claim returns of each conversion: the postback's fields and the delivery state.
+CONVERSION_COLUMNS = (
+    "id",
+    *_CONVERSION_FIELDS,
+    "event_id",
     "state",
     "reason",
     "attempts",
@@ -167,25 +171,6 @@ class Outcome:
 # text again for every column.) Groups are padded with NULL rows, which the WHERE drops, to a power of
 # two, so a few prepared statements, cached by sqlite3, serve every group size.
 _CLICK_ROW = ("click_id", *CLICK_FIELDS)
-_CONVERSION_FIELDS = (
-    "tracker",
-    "click_id",
-    "status",
-    "event",
-    "transaction_id",
-    "event_time",
-    "value",
-    "currency",
-    "pixel",
-    "ttclid",
-    "ttp",
-    "ip",
-    "user_agent",
-    "page_url",
-    "email_hash",
-    "phone_hash",
-    "external_id_hash",
-)
 # The values of one conversion, in this order (see _conversion_values).
 _CONVERSION_ROW = (*_CONVERSION_FIELDS, "event_id", "state", "reason")
 
