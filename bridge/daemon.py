@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import signal
 import time
 from pathlib import Path
@@ -83,6 +84,11 @@ class Daemon:
             await asyncio.sleep(0)
             self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
             self._install_signals()
+            # Everything built so far (modules, config, app) lives as long as the process. Frozen, the
+            # collector stops walking it: under load a full collection of it stalled the event loop
+            # for 20-25 ms about once a second, the largest stall of all in the postback p99.
+            gc.collect()
+            gc.freeze()
             log.info(
                 "listening",
                 host=settings.server.host,
