@@ -62,7 +62,9 @@ MIGRATIONS: tuple[str, ...] = (
     -- Idempotency: a repeat of the same conversion is a duplicate, whatever the tracker resends.
     CREATE UNIQUE INDEX conversions_identity
         ON conversions(tracker, click_id, event, transaction_id) WHERE event IS NOT NULL;
-    CREATE INDEX conversions_due ON conversions(next_attempt_at) WHERE state = 'pending';
+    -- Two columns, not a partial index: without ANALYZE statistics SQLite would otherwise prefer
+    -- conversions_state and sort every pending row on each claim.
+    CREATE INDEX conversions_due ON conversions(state, next_attempt_at);
     CREATE INDEX conversions_finished ON conversions(finished_at) WHERE finished_at IS NOT NULL;
     CREATE INDEX conversions_state ON conversions(state, sent_pixel);
     CREATE INDEX conversions_batch ON conversions(ingest_batch);
