@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import shutil
@@ -103,6 +104,16 @@ class Bridge:
     async def click(self, headers: dict[str, str] | None = None, **params: Any) -> int:
         resp = await self.client.get("/click", params=params, headers=headers or {})
         return resp.status
+
+    async def send_raw(self, data: bytes) -> bytes:
+        """Raw bytes on a fresh connection, as no HTTP client would send them; the whole answer."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.client.port)
+        try:
+            writer.write(data)
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
 
     async def deliver(self, max_cycles: int = 50) -> int:
         """Run worker cycles until nothing is due at the test clock's time."""

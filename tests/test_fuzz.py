@@ -379,16 +379,6 @@ def status_of(answer: bytes) -> int | None:
     return int(words[1]) if len(words) > 1 and words[1].isdigit() else None
 
 
-async def send_raw(bridge: Bridge, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.client.port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-
-
 FUZZ = settings(
     max_examples=120,
     deadline=None,
@@ -423,7 +413,7 @@ async def test_no_raw_malformed_request_gets_a_5xx(
 ) -> None:
     log_text.seek(0)
     log_text.truncate()
-    answers = await asyncio.gather(*(send_raw(fuzzed, data) for data in batch))
+    answers = await asyncio.gather(*(fuzzed.send_raw(data) for data in batch))
 
     statuses = [status_of(answer) for answer in answers]
     assert [(data[:200], s) for data, s in zip(batch, statuses, strict=True) if s is None or s >= 500] == []

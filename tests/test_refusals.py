@@ -62,17 +62,6 @@ async def post(
     return resp.status, await resp.json()
 
 
-async def exchange(bridge: Bridge, data: bytes) -> bytes:
-    """Send raw bytes on a fresh connection; the whole answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.client.port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-
-
 # -- authentication -----------------------------------------------------------------------------------
 
 
@@ -141,8 +130,8 @@ async def test_the_key_never_reaches_logs_or_metrics(keyed: Bridge, log_text: io
     await keyed.postback("keitaro", key=wrong, **SALE)
     await keyed.postback("keitaro", key=KEY, **{**SALE, "revenue": "NaN"})
     await get_raw(keyed, f"/postback/keitaro?key={KEY}&subid=%ff")
-    await exchange(
-        keyed, f"GET /postback/keitaro?key={KEY}&subid=\xff HTTP/1.1\r\nHost: x\r\n\r\n".encode("latin-1")
+    await keyed.send_raw(
+        f"GET /postback/keitaro?key={KEY}&subid=\xff HTTP/1.1\r\nHost: x\r\n\r\n".encode("latin-1")
     )
     metrics = await (await keyed.client.get("/metrics")).text()
 
@@ -277,8 +266,8 @@ async def test_stray_percent_signs_are_taken_literally(bridge: Bridge) -> None:
 async def test_raw_non_ascii_bytes_in_the_request_line_are_400_without_a_traceback(
     bridge: Bridge, caplog: pytest.LogCaptureFixture
 ) -> None:
-    answer = await exchange(
-        bridge, b"GET /postback/keitaro?subid=\xff\xfe&status=sale HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await bridge.send_raw(
+        b"GET /postback/keitaro?subid=\xff\xfe&status=sale HTTP/1.1\r\nHost: x\r\n\r\n"
     )
 
     assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400")
@@ -386,8 +375,8 @@ async def test_body_with_broken_compression_is_400(bridge: Bridge) -> None:
 
 
 async def test_query_past_the_request_line_limit_is_400(bridge: Bridge) -> None:
-    answer = await exchange(
-        bridge, b"GET /postback/keitaro?subid=" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await bridge.send_raw(
+        b"GET /postback/keitaro?subid=" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
     )
 
     assert answer.split(b" ", 2)[1] == b"400"
@@ -426,8 +415,7 @@ async def test_click_with_invalid_utf8_is_400(bridge: Bridge) -> None:
 
 
 async def test_click_whose_user_agent_header_is_not_utf8_is_registered_without_it(bridge: Bridge) -> None:
-    answer = await exchange(
-        bridge,
+    answer = await bridge.send_raw(
         b"GET /click?click_id=clk-ua&ttclid=E.C.P.ua HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"User-Agent: Mozilla/5.0 \xff\xfe\r\n\r\n",
     )
