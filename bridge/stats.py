@@ -9,6 +9,11 @@ from bridge.enrich import MATCH_KEYS
 from bridge.runtime import Runtime
 from bridge.store import STATES, Store
 
+# match_keys is a comma-separated list of MATCH_KEYS; each key's count per pixel.
+_KEY_SUMS = ", ".join(f"SUM(instr(',' || match_keys || ',', ',{key},') > 0) AS {key}" for key in MATCH_KEYS)
+_COVERAGE = f"""SELECT sent_pixel AS pixel, COUNT(*) AS n, {_KEY_SUMS} FROM conversions
+WHERE match_keys IS NOT NULL AND sent_pixel IS NOT NULL GROUP BY sent_pixel"""  # noqa: S608 -- constant keys
+
 
 async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
     """Counts by state and pixel, oldest pending age, match-key coverage, last errors per pixel."""
@@ -40,15 +45,12 @@ async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
             current = entry["oldest_pending_seconds"]
             entry["oldest_pending_seconds"] = age if current is None else max(current, age)
 
-    # Coverage is over events the worker has looked at (it records which keys each one carried).
-    for row in await store.fetchall(
-        "SELECT sent_pixel AS pixel, match_keys FROM conversions "
-        "WHERE match_keys IS NOT NULL AND sent_pixel IS NOT NULL"
-    ):
+    # Coverage is over events the worker has looked at (it records which keys each one carried),
+    # counted by SQLite: a large database is not read row by row into Python.
+    for row in await store.fetchall(_COVERAGE):
         entry = pixel_entry(row["pixel"])
-        entry["sent_with_keys"] += 1
-        for key in filter(None, row["match_keys"].split(",")):
-            entry["coverage"][key] = entry["coverage"].get(key, 0) + 1
+        entry["sent_with_keys"] = row["n"]
+        entry["coverage"] = {key: row[key] for key in MATCH_KEYS}
     for entry in by_pixel.values():
         total = entry.pop("sent_with_keys")
         counts = entry["coverage"]
