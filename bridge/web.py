@@ -22,6 +22,7 @@ from bridge.logs import get_logger
 from bridge.mapping import BadParameter, build_click, build_conversion
 from bridge.metrics import CONTENT_TYPE
 from bridge.runtime import Runtime
+from bridge.stats import refresh_gauges
 from bridge.store import StoreUnavailable
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -38,8 +39,10 @@ CORS_HEADERS = {
 }
 
 
-def _json(status: int, body: Mapping[str, Any]) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+def _json(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json", headers=headers
+    )
 
 
 def _ip_in(address: str | None, networks: Sequence[Network]) -> bool:
@@ -318,12 +321,7 @@ async def click(request: web.Request) -> web.Response:
             )
     except BadParameter as exc:
         metrics.clicks.labels("rejected").inc()
-        return web.Response(
-            status=400,
-            body=json.dumps({"error": str(exc)}).encode(),
-            content_type="application/json",
-            headers=CORS_HEADERS,
-        )
+        return _json(400, {"error": str(exc)}, CORS_HEADERS)
     try:
         await runtime.store.add_click(registration)
     except StoreUnavailable as exc:
@@ -391,8 +389,6 @@ async def metrics_view(request: web.Request) -> web.Response:
     if (refused := _operator_only(request)) is not None:
         return refused
     runtime = request.app[RUNTIME]
-    from bridge.stats import refresh_gauges
-
     await refresh_gauges(runtime)
     return web.Response(body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 

@@ -407,28 +407,21 @@ class Worker:
             match_keys=",".join(item.prepared.match_keys),
         )
 
-    def _retry(self, item: Item, pixel: str, answer: Answer, at: float, *, count: bool) -> Outcome:
+    def _retry(self, item: Item, pixel: str, answer: Answer | None, at: float, *, count: bool) -> Outcome:
         return Outcome(
             item.row["id"],
             PENDING,
             next_attempt_at=at,
             count_attempt=count,
             sent_pixel=pixel,
-            code=answer.code,
-            error=answer.message,
+            code=answer.code if answer else None,
+            error=answer.message if answer else None,
             match_keys=",".join(item.prepared.match_keys),
         )
 
     def _wait(self, item: Item, pixel: str, until: float) -> Outcome:
         """Not sent: the pixel is paced, held or down. Waiting costs the event no attempt."""
-        return Outcome(
-            item.row["id"],
-            PENDING,
-            next_attempt_at=until,
-            count_attempt=False,
-            sent_pixel=pixel,
-            match_keys=",".join(item.prepared.match_keys),
-        )
+        return self._retry(item, pixel, None, until, count=False)
 
     def _transient(self, item: Item, pixel: str, answer: Answer, now: float) -> Outcome:
         due_at = self._probes.get(item.row["id"])
