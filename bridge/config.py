@@ -102,6 +102,9 @@ class ServerConfig(_Model):
     port: int = Field(8080, ge=1, le=65535)
     trusted_proxies: list[Network] = []
     click_limit_per_minute: int = Field(600, ge=0)
+    # Processes answering HTTP on the one port; the first also runs the delivery worker. More than one
+    # uses more cores for ingest bursts (see docs/benchmarks.md); each holds its own database connection.
+    listeners: int = Field(1, ge=1, le=16)
     # /metrics and /readyz: empty token and these networks by default, so a scraper on the
     # VPS itself works while the rest of the internet sees 403.
     metrics_allow_ips: list[Network] = Field(default_factory=lambda: _networks(["127.0.0.0/8", "::1/128"]))

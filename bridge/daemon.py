@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import fcntl
 import gc
+import shutil
 import signal
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import IO
@@ -15,7 +18,9 @@ import aiohttp
 from aiohttp import web
 
 from bridge.config import Config, ConfigError, is_loopback, load_config
+from bridge.listeners import ListenerProcesses
 from bridge.logs import get_logger
+from bridge.metrics import share_between_processes
 from bridge.runtime import Runtime
 from bridge.sdnotify import Notifier
 from bridge.store import Store, StoreUnavailable
@@ -39,6 +44,8 @@ class Daemon:
         self._reloads: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.port: int | None = None
+        self.listeners: ListenerProcesses | None = None
+        self._rundir: Path | None = None
 
     async def run(self) -> None:
         config = self.config
@@ -58,8 +65,14 @@ class Daemon:
                 "proxy, set trusted_proxies (e.g. [127.0.0.1/32]) so clicks carry the visitor's ip"
             )
         self._lock_database(config.db_path)
+        count = settings.server.listeners
+        if count > 1:
+            # Private to this run: the Unix socket listener processes ask, and the metrics files.
+            self._rundir = Path(tempfile.mkdtemp(prefix="postback-bridge-"))
+            (self._rundir / "metrics").mkdir()
+            share_between_processes(self._rundir / "metrics")
         try:
-            store = await Store(config.db_path).open()
+            store = await Store(config.db_path, shared=count > 1).open()
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"storage.path: {exc}") from None
         # Leases left by a crash: those events were maybe sent, maybe not; send them again
@@ -74,12 +87,32 @@ class Daemon:
         # together with the worker's own grace for sends in flight.
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
         await runner.setup()
-        site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+        sites: list[web.BaseSite] = []
+        listeners: ListenerProcesses | None = None
+        if count > 1:
+            assert self._rundir is not None
+            # Bound here and inherited: every process accepts from the one queue of the one port.
+            sock = socket.create_server(
+                (settings.server.host, settings.server.port),
+                family=socket.AF_INET6 if ":" in settings.server.host else socket.AF_INET,
+                backlog=1024,
+            )
+            sock.set_inheritable(True)
+            sites.append(web.SockSite(runner, sock))
+            sites.append(web.UnixSite(runner, str(self._rundir / "daemon.sock")))
+            listeners = self.listeners = ListenerProcesses(
+                count - 1, sock, config.path, self._rundir / "daemon.sock"
+            )
+        else:
+            sites.append(web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True))
         try:
-            await site.start()
+            for site in sites:
+                await site.start()
             sockets = runner.addresses
             self.port = sockets[0][1] if sockets else settings.server.port
             worker.start()
+            if listeners is not None:
+                listeners.start()
             # Let the worker's task take its first step, so READY=1 means /readyz answers 200.
             await asyncio.sleep(0)
             self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
@@ -93,6 +126,7 @@ class Daemon:
                 "listening",
                 host=settings.server.host,
                 port=self.port,
+                listener_processes=listeners.pids() if listeners is not None else None,
                 database=str(config.db_path),
                 trackers=sorted(config.trackers),
                 pixels=sorted(settings.pixels),
@@ -105,8 +139,11 @@ class Daemon:
             self.notifier.stopping()
             log.info("stopping: no new requests; finishing in-flight deliveries")
         finally:
+            if listeners is not None:
+                await listeners.stop(timeout=15.0)
             await runner.shutdown()  # stop accepting; in-flight requests finish
-            await site.stop()
+            for site in sites:
+                await site.stop()
             await worker.stop()
             for task in self._tasks:
                 task.cancel()
@@ -118,6 +155,8 @@ class Daemon:
             await store.close()
             if self._lock_file is not None:
                 self._lock_file.close()
+            if self._rundir is not None:
+                shutil.rmtree(self._rundir, ignore_errors=True)
             log.info("stopped")
             self.notifier.close()
 
@@ -186,6 +225,7 @@ class Daemon:
                 ("storage.path", new.db_path, old.db_path),
                 ("server.host", new.settings.server.host, old.settings.server.host),
                 ("server.port", new.settings.server.port, old.settings.server.port),
+                ("server.listeners", new.settings.server.listeners, old.settings.server.listeners),
             )
             if a != b
         ]
@@ -203,6 +243,8 @@ class Daemon:
             )
         for warning in new.warnings:
             log.warning("config", problem=warning)
+        if self.listeners is not None:
+            self.listeners.reload()
         log.info("reloaded", trackers=sorted(new.trackers), pixels=sorted(new.settings.pixels))
         self.runtime.store.committed.set()
         # The address bound at start: server.host and server.port change only with a restart.

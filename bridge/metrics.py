@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -9,8 +12,10 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -18,9 +23,30 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()
 
 
+def _gauge(name: str, documentation: str, labels: list[str], registry: CollectorRegistry) -> Gauge:
+    # Gauges are set by the daemon's main process only (listener processes ask it for /metrics), just
+    # before it renders them: across processes, the value set last is the one.
+    return Gauge(name, documentation, labels, registry=registry, multiprocess_mode="mostrecent")
+
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes(directory: Path) -> None:
+    """From now on, metrics of this process and of the listener processes it starts (which inherit the
+    environment) are kept in files in `directory`, and /metrics, in any of them, adds them all up.
+
+    prometheus_client picks its storage from this variable when it is imported, long before the config
+    says how many processes there are: the storage of metrics created after this call is switched too.
+    """
+    os.environ[MULTIPROCESS_ENV] = str(directory)
+    values.ValueClass = values.MultiProcessValue()
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.shared_dir = os.environ.get(MULTIPROCESS_ENV)
         r = self.registry
         self.postbacks = Counter(
             "bridge_postbacks",
@@ -35,8 +61,8 @@ class Metrics:
             ["field"],
             registry=r,
         )
-        self.conversions = Gauge(
-            "bridge_conversions", "Conversions in the database, by state.", ["state"], registry=r
+        self.conversions = _gauge(
+            "bridge_conversions", "Conversions in the database, by state.", ["state"], r
         )
         self.attempts = Counter(
             "bridge_delivery_attempts",
@@ -62,19 +88,20 @@ class Metrics:
         # Pending events are counted for the pixel the worker will send them to, as it routes them
         # (the click's pixel, else the conversion's, else default_pixel); "(unknown)" for a pixel the
         # config does not have.
-        self.queue_depth = Gauge("bridge_queue_depth", "Pending events, by pixel.", ["pixel"], registry=r)
-        self.oldest_pending = Gauge(
-            "bridge_oldest_pending_seconds",
-            "Age of the oldest pending event, by pixel.",
-            ["pixel"],
-            registry=r,
+        self.queue_depth = _gauge("bridge_queue_depth", "Pending events, by pixel.", ["pixel"], r)
+        self.oldest_pending = _gauge(
+            "bridge_oldest_pending_seconds", "Age of the oldest pending event, by pixel.", ["pixel"], r
         )
-        self.pixel_healthy = Gauge(
+        self.pixel_healthy = _gauge(
             "bridge_pixel_healthy",
             "1 when the pixel's token is accepted, 0 while its events are held.",
             ["pixel"],
-            registry=r,
+            r,
         )
 
     def render(self) -> bytes:
+        if self.shared_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.shared_dir)
+            return generate_latest(registry)
         return generate_latest(self.registry)

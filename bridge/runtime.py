@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from bridge.config import Config
 from bridge.metrics import Metrics
 from bridge.store import Store
+
+if TYPE_CHECKING:
+    from bridge.listeners import MainProcess
 
 
 @dataclass
@@ -27,6 +31,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     health: dict[str, PixelHealth] = field(default_factory=dict)
     worker_running: bool = False
+    # In a listener process: the daemon, which answers /readyz and /metrics for the whole bridge.
+    main_process: MainProcess | None = None
 
     def pixel_health(self, pixel: str) -> PixelHealth:
         if pixel not in self.health:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
-import json
+import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +21,8 @@ import aiosqlite
 from bridge.mapping import Click, Conversion
 
 _T = TypeVar("_T")
+# A click or conversion and the future its request awaits.
+_Waiting = tuple[Any, "asyncio.Future[Any]"]
 # Rows per multi-row statement at most (fewer where SQLite allows fewer parameters).
 _MAX_CHUNK_ROWS = 256
 
@@ -166,15 +171,34 @@ class Outcome:
     match_keys: str | None = None
 
 
-# A group is written with one multi-row statement per table, its rows bound as positional parameters:
-# one step for the whole group. A statement per row (executemany) steps once per row, and every step
-# hands the GIL to the busy listener and waits to get it back, so commits were slowest exactly when
-# the most requests waited on them. (Rows as one JSON text cost more: json_extract parses the row's
-# text again for every column.) Groups are padded with NULL rows, which the WHERE drops, to a power of
-# two, so a few prepared statements, cached by sqlite3, serve every group size.
+# A group is written with one statement per table, stepped once per row, and the decisions an insert
+# depends on (is it a repeat? a rebill?) are taken in Python from one query of what the group's clicks
+# already have. (One multi-row `INSERT ... SELECT ... FROM (VALUES ...)` with those decisions as SQL
+# subqueries did the same in fewer steps but cost SQLite three times the CPU per row.)
 _CLICK_ROW = ("click_id", *CLICK_FIELDS)
-# The values of one conversion, in this order (see _conversion_values).
-_CONVERSION_ROW = (*_CONVERSION_FIELDS, "event_id", "state", "reason")
+_CLICKS_UPSERT = f"""
+INSERT INTO clicks (click_id, {", ".join(CLICK_FIELDS)}, created_at, updated_at)
+VALUES ({", ".join("?" * len(_CLICK_ROW))}, ?, ?)
+ON CONFLICT (click_id) DO UPDATE SET
+    {", ".join(f"{f} = COALESCE(NULLIF(clicks.{f}, ''), excluded.{f})" for f in CLICK_FIELDS)},
+    updated_at = excluded.updated_at
+"""  # noqa: S608 -- column names are constants; values are bound
+
+# The values of one conversion, in this order (see _conversion_row).
+_CONVERSION_ROW = (
+    "id",
+    *_CONVERSION_FIELDS,
+    "event_id",
+    "state",
+    "reason",
+    "next_attempt_at",
+    "received_at",
+    "finished_at",
+    "ingest_batch",
+)
+_CONVERSION_INSERT = f"""
+INSERT INTO conversions ({", ".join(_CONVERSION_ROW)}) VALUES ({", ".join("?" * len(_CONVERSION_ROW))})
+"""  # noqa: S608 -- column names are constants; values are bound
 
 
 def _values(rows: int, width: int, first: int) -> str:
@@ -185,89 +209,34 @@ def _values(rows: int, width: int, first: int) -> str:
     )
 
 
-@functools.cache
-def _clicks_upsert(rows: int) -> str:
-    """?1 is the time; the rows follow. Rows apply in order, so a later one sees an earlier one."""
-    r = {name: f"r.column{i + 1}" for i, name in enumerate(_CLICK_ROW)}
+# Most of a group's conversions are a click's first: this finds the few that are not in one step.
+_KNOWN_MAX = 500
+
+
+def _known_sql(count: int) -> str:
     return f"""
-INSERT INTO clicks (click_id, {", ".join(CLICK_FIELDS)}, created_at, updated_at)
-SELECT {", ".join(r[name] for name in _CLICK_ROW)}, ?1, ?1
-FROM (VALUES {_values(rows, len(_CLICK_ROW), 2)}) AS r
-WHERE r.column1 IS NOT NULL
-ON CONFLICT (click_id) DO UPDATE SET
-    {", ".join(f"{f} = COALESCE(NULLIF(clicks.{f}, ''), excluded.{f})" for f in CLICK_FIELDS)},
-    updated_at = excluded.updated_at
-"""  # noqa: S608 -- column names are constants; values are bound
-
-
-@functools.cache
-def _conversions_insert(rows: int) -> str:
-    """?1 is the time, ?2 the ingest batch; the rows follow.
-
-    A second conversion of one event for one click with another transaction id (a rebill) gets
-    `_{transaction_id}` appended to its event_id, or TikTok would dedupe it away as a repeat. SQLite
-    reads all of a statement's rows before inserting any when its SELECT reads the table it inserts
-    into, so this EXISTS does not see rows of its own statement: _rounds() never puts two
-    conversions of one tracker, click and event into one statement.
-
-    A conversion without a transaction id, for a click that already has that event, cannot be told
-    apart from a repeat: it is not inserted, and answered as a duplicate of the first one.
-    """
-    r = {name: f"r.column{i + 1}" for i, name in enumerate(_CONVERSION_ROW)}
-    return f"""
-INSERT INTO conversions ({", ".join(_CONVERSION_FIELDS)}, event_id, state, reason, next_attempt_at,
-                         received_at, finished_at, ingest_batch)
-SELECT {", ".join(r[f] for f in _CONVERSION_FIELDS)},
-    CASE WHEN {r["event"]} IS NOT NULL AND {r["transaction_id"]} <> '' AND EXISTS (
-            SELECT 1 FROM conversions c
-            WHERE c.tracker = {r["tracker"]} AND c.click_id = {r["click_id"]} AND c.event = {r["event"]}
-              AND c.transaction_id <> {r["transaction_id"]})
-         THEN {r["event_id"]} || '_' || {r["transaction_id"]}
-         ELSE {r["event_id"]} END,
-    {r["state"]}, {r["reason"]},
-    CASE WHEN {r["state"]} = 'pending' THEN ?1 END, ?1, CASE WHEN {r["state"]} <> 'pending' THEN ?1 END, ?2
-FROM (VALUES {_values(rows, len(_CONVERSION_ROW), 3)}) AS r
-WHERE r.column1 IS NOT NULL
-  AND NOT ({r["event"]} IS NOT NULL AND {r["transaction_id"]} = '' AND EXISTS (
-            SELECT 1 FROM conversions c
-            WHERE c.tracker = {r["tracker"]} AND c.click_id = {r["click_id"]} AND c.event = {r["event"]}))
-ON CONFLICT (tracker, click_id, event, transaction_id) WHERE event IS NOT NULL DO NOTHING
-"""  # noqa: S608 -- column names are constants; values are bound
-
-
-# What a group inserted, as one JSON row (one step, not a step per row).
-_INSERTED = """
-SELECT json_group_array(json_array(id, tracker, click_id, event, transaction_id, event_id))
-FROM conversions WHERE ingest_batch = ? AND event IS NOT NULL
-"""
-
-
-@functools.cache
-def _existing(rows: int) -> str:
-    """The conversions that repeats of a group are duplicates of, as one JSON row."""
-    return f"""
-SELECT json_group_array(json_array(k.column1, k.column2, k.column3, k.column4, c.id, c.event_id))
-FROM (VALUES {_values(rows, 4, 1)}) AS k CROSS JOIN conversions AS c
-WHERE c.tracker = k.column1 AND c.click_id = k.column2 AND c.event = k.column3
-  AND (c.transaction_id = k.column4 OR k.column4 = '')
-"""  # noqa: S608 -- column names are constants; values are bound
+SELECT tracker, click_id, event, transaction_id, id, event_id FROM conversions
+WHERE tracker = ? AND click_id IN ({",".join("?" * count)}) AND event IS NOT NULL
+ORDER BY id
+"""  # noqa: S608 -- placeholders only; values are bound
 
 
 class Store:
     """One SQLite file. Writes go through one connection; ingest writes are group-committed."""
 
-    def __init__(self, path: Path, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 5.0, shared: bool = False) -> None:
+        """`shared`: other processes (listener processes) write to the same file all the time."""
         self.path = Path(path)
         # How long a write waits for a lock another process holds before it is refused (503).
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
+        self._ingest: _IngestWriter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()  # one write transaction at a time on the aiosqlite connection
+        self._write_lock = _WriteTurn(self.path.with_name(self.path.name + ".writers") if shared else None)
         self._batch = 0
         self._closing = False
         self.committed = asyncio.Event()  # set after every ingest commit that added pending events
-        self.max_group = 1024
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -286,6 +255,8 @@ class Store:
             await self._db.execute("PRAGMA foreign_keys = ON")
             await self._migrate()
             self._batch = await self._scalar("SELECT COALESCE(MAX(ingest_batch), 0) FROM conversions")
+            ingest = await asyncio.to_thread(self._connect)
+            self._write_lock.open()
         except (OSError, sqlite3.Error, StoreUnavailable) as exc:
             if self._db is not None:
                 await self._db.close()
@@ -293,18 +264,32 @@ class Store:
             if isinstance(exc, StoreUnavailable):
                 raise
             raise StoreUnavailable(f"cannot open the database {self.path}: {exc}") from None
-        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        self._loop = asyncio.get_running_loop()
+        self._ingest = _IngestWriter(self, ingest, self._write_lock)
         return self
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection with the bridge's settings; `check_same_thread` off to close it elsewhere."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        # FULL: an acknowledged conversion survives power loss, not only a process crash.
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def next_batch(self) -> int:
+        """The number that marks one ingest group's rows (only the ingest writer's thread asks)."""
+        self._batch += 1
+        return self._batch
 
     async def close(self) -> None:
         self._closing = True
-        if self._writer is not None:
-            await self._queue.put((None, asyncio.get_running_loop().create_future()))
-            await self._writer
-            self._writer = None
+        if self._ingest is not None:
+            await self._ingest.stop()
+            self._ingest = None
         if self._db is not None:
             await self._db.close()
             self._db = None
+        self._write_lock.close()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -365,56 +350,41 @@ class Store:
 
     # -- group-committed ingest ---------------------------------------------------------------------
 
-    async def add_click(self, click: Click) -> None:
-        await self._submit(click)
+    def add_click(self, click: Click) -> asyncio.Future[None]:
+        """Resolves once the click is committed; StoreUnavailable if it could not be."""
+        return self._submit(click)
 
-    async def add_conversion(self, conversion: Conversion) -> Ingested:
-        return await self._submit(conversion)
+    def add_conversion(self, conversion: Conversion) -> asyncio.Future[Ingested]:
+        """Resolves once the conversion is committed, with what became of it."""
+        return self._submit(conversion)
 
-    async def _submit(self, item: Click | Conversion) -> Any:
-        if self._closing or self._writer is None:
+    def _submit(self, item: Click | Conversion) -> asyncio.Future[Any]:
+        if self._closing or self._ingest is None:
             raise StoreUnavailable("shutting down")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))  # unbounded: never waits, so no coroutine for it
-        return await future
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._ingest.put((item, future))
+        return future
 
-    async def _write_loop(self) -> None:
-        while True:
-            group = [await self._queue.get()]
-            while not self._queue.empty() and len(group) < self.max_group:
-                group.append(self._queue.get_nowait())
-            stop = any(item is None for item, _ in group)
-            work = [(item, fut) for item, fut in group if item is not None]
-            if work:
-                await self._commit_group(work)
-            if stop:
-                # Whatever arrived after the stop marker is refused, never left hanging.
-                while not self._queue.empty():
-                    item, fut = self._queue.get_nowait()
-                    if item is not None and not fut.done():
-                        fut.set_exception(StoreUnavailable("shutting down"))
-                return
-
-    async def _commit_group(self, work: list[tuple[Any, asyncio.Future[Any]]]) -> None:
-        clicks = [item for item, _ in work if isinstance(item, Click)]
-        conversions = [item for item, _ in work if isinstance(item, Conversion)]
-        now = time.time()
-        self._batch += 1
-        batch = self._batch
-        try:
-            async with self._lock:
-                results = await self._on_db_thread(_write_group, clicks, conversions, batch, now)
-        except Exception as exc:  # the writer must survive anything: every waiter gets its answer
-            error = StoreUnavailable(f"could not commit: {exc}")
+    def _answer(self, work: list[_Waiting], results: dict[int, Ingested] | Exception) -> None:
+        """On the event loop: every waiter of a committed (or failed) group gets its answer."""
+        if isinstance(results, Exception):
+            error = (
+                results
+                if isinstance(results, StoreUnavailable)
+                else StoreUnavailable(f"could not commit: {results}")
+            )
             for _, fut in work:
                 if not fut.done():
                     fut.set_exception(error)
             return
+        accepted = False
         for item, fut in work:
-            if fut.done():
-                continue
-            fut.set_result(results.get(id(item)) if isinstance(item, Conversion) else None)
-        if any(r.result == "accepted" for r in results.values()):
+            result = results.get(id(item))
+            if result is not None and result.result == "accepted":
+                accepted = True
+            if not fut.done():
+                fut.set_result(result)
+        if accepted:
             self.committed.set()
 
     async def _on_db_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -427,6 +397,16 @@ class Store:
         """
         db = self.db
         return await db._execute(lambda: fn(db._conn, *args))
+
+    async def _write_on_db_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """As _on_db_thread, for a write transaction: it and the ingest writer's take turns."""
+        lock = self._write_lock
+
+        def locked(conn: sqlite3.Connection) -> _T:
+            with lock:
+                return fn(conn, *args)
+
+        return await self._on_db_thread(locked)
 
     # -- delivery queue ---------------------------------------------------------------------------------
 
@@ -447,7 +427,7 @@ class Store:
         params = {"lease": now + lease, "now": now, "limit": limit}
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
-            rows = await self._on_db_thread(_in_transaction, _claim, params)
+            rows = await self._write_on_db_thread(_in_transaction, _claim, params)
         rows.sort(key=lambda r: r["id"])
         return rows
 
@@ -475,7 +455,7 @@ class Store:
         ]
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
-            await self._on_db_thread(_in_transaction, _apply, rows)
+            await self._write_on_db_thread(_in_transaction, _apply, rows)
 
     async def set_pixel_status(
         self, pixel: str, healthy: bool, code: int | None, error: str | None, now: float
@@ -584,16 +564,135 @@ class Store:
             return total
 
 
+class _WriteTurn:
+    """Whose turn it is to write: the threads of this process (a lock) and, with listener processes,
+    the other processes too (an flock on `<db>.writers`).
+
+    SQLite serialises writers on its own, and stays what keeps the data right; but a writer that finds
+    the database locked polls with sleeps of one, two, five milliseconds and more, while these wake the
+    next writer the moment the last one is done.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        if self._path is not None and self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+
+class _IngestWriter:
+    """A thread with a connection of its own that commits, in one transaction, everything that queued
+    while it committed the last group, and hands the answers back to the event loop in one call.
+
+    It starts the next group as soon as a commit returns, without waiting for a turn of the busy event
+    loop, so the listener parses the next requests while SQLite commits the last ones. Write
+    transactions of the other connection (the worker's claims and outcomes) take `write_lock` too,
+    so neither waits in SQLite's busy handler, which polls with sleeps of milliseconds.
+    """
+
+    STOP = object()
+
+    def __init__(self, store: Store, conn: sqlite3.Connection, write_lock: _WriteTurn) -> None:
+        self._store = store
+        self._conn = conn
+        self._write_lock = write_lock
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.max_group = 1024
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, entry: _Waiting) -> None:
+        self._queue.put(entry)
+
+    async def stop(self) -> None:
+        """Commit what is queued, refuse what comes later, close the connection."""
+        self._queue.put(self.STOP)
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        stopping = False
+        try:
+            while not stopping:
+                entry = get()
+                work = []
+                while True:
+                    if entry is self.STOP:
+                        stopping = True
+                        break
+                    work.append(entry)
+                    if len(work) >= self.max_group:
+                        break
+                    try:
+                        entry = get_nowait()
+                    except queue.Empty:
+                        break
+                if work:
+                    self._commit(work)
+            # Whatever arrived after the stop marker is refused, never left hanging.
+            late = []
+            while True:
+                try:
+                    entry = get_nowait()
+                except queue.Empty:
+                    break
+                if entry is not self.STOP:
+                    late.append(entry)
+            if late:
+                self._reply(late, StoreUnavailable("shutting down"))
+        finally:
+            self._conn.close()
+
+    def _commit(self, work: list[_Waiting]) -> None:
+        clicks = [item for item, _ in work if isinstance(item, Click)]
+        conversions = [item for item, _ in work if isinstance(item, Conversion)]
+        result: dict[int, Ingested] | Exception
+        try:
+            with self._write_lock:
+                result = _write_group(self._conn, clicks, conversions, self._store.next_batch(), time.time())
+        except Exception as exc:  # the writer must survive anything: every waiter gets its answer
+            result = exc
+        self._reply(work, result)
+
+    def _reply(self, work: list[_Waiting], result: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._store._answer, work, result)
+
+
 def _write_group(
     db: sqlite3.Connection, clicks: list[Click], conversions: list[Conversion], batch: int, now: float
 ) -> dict[int, Ingested]:
-    """One group in one transaction, on the database thread; the results by id() of each conversion."""
+    """One group in one transaction, on the ingest writer's thread; the results by id() of each conversion."""
     db.execute("BEGIN IMMEDIATE")
     try:
         if clicks:
-            rows = [[c.click_id, *(getattr(c, f) for f in CLICK_FIELDS)] for c in clicks]
-            for size, params in _chunks(db, rows, len(_CLICK_ROW), 1):
-                db.execute(_clicks_upsert(size), [now, *params])
+            rows = [(c.click_id, *[getattr(c, f) for f in CLICK_FIELDS], now, now) for c in clicks]
+            db.executemany(_CLICKS_UPSERT, rows)
         results = _insert_conversions(db, conversions, batch, now) if conversions else {}
         db.execute("COMMIT")
     except BaseException:
@@ -608,41 +707,54 @@ def _write_group(
 def _insert_conversions(
     db: sqlite3.Connection, conversions: list[Conversion], batch: int, now: float
 ) -> dict[int, Ingested]:
-    """A statement per round, then one query for every id: a few steps for the whole group."""
-    for part in _rounds(conversions):
-        rows = [_conversion_values(c) for c in part]
-        for size, params in _chunks(db, rows, len(_CONVERSION_ROW), 2):
-            db.execute(_conversions_insert(size), [now, batch, *params])
-    inserted: dict[tuple[str, str, str, str], tuple[int, str]] = {}
-    for row in json.loads(db.execute(_INSERTED, (batch,)).fetchone()[0]):
-        inserted[(row[1], row[2], row[3], row[4])] = (row[0], row[5])
-    results: dict[int, Ingested] = {}
-    claimed: set[tuple[str, str, str, str]] = set()
-    repeats: list[tuple[Conversion, tuple[str, str, str, str]]] = []
+    """Decide, in arrival order, what each conversion is, and insert the new ones.
+
+    - a repeat (same tracker, click, event and transaction id) is a duplicate of the first;
+    - without a transaction id, a conversion for a click that already has that event cannot be told
+      apart from a repeat: a duplicate of the click's first such conversion;
+    - a second conversion of one event for one click with another transaction id (a rebill) gets
+      `_{transaction_id}` appended to its event_id, or TikTok would dedupe it away as a repeat.
+
+    The ids are given here (the table's largest plus one, and so on: the write lock is held), so the
+    answers need no query after the insert. The unique index on the identity stays as a safety net: a
+    decision that missed a repeat fails the whole group (503), it never stores the repeat twice.
+    """
+    known: dict[tuple[str, str, str], list[tuple[str, int, str]]] = {}
+    by_tracker: dict[str, set[str]] = {}
     for conv in conversions:
+        if conv.event is not None:
+            by_tracker.setdefault(conv.tracker, set()).add(conv.click_id)
+    for tracker, click_ids in by_tracker.items():
+        ids = sorted(click_ids)
+        for start in range(0, len(ids), _KNOWN_MAX):
+            chunk = ids[start : start + _KNOWN_MAX]
+            for row in db.execute(_known_sql(len(chunk)), (tracker, *chunk)):
+                known.setdefault((row[0], row[1], row[2]), []).append((row[3], row[4], row[5]))
+    next_id = db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM conversions").fetchone()[0]
+    rows: list[tuple[Any, ...]] = []
+    results: dict[int, Ingested] = {}
+    for conv in conversions:
+        state, event_id = PENDING, conv.event_id
         if conv.event is None:
+            state = IGNORED
+        else:
+            same = known.setdefault((conv.tracker, conv.click_id, conv.event), [])
+            tid = conv.transaction_id
+            first = same[0] if same else None
+            repeat = first if tid == "" else next((s for s in same if s[0] == tid), None)
+            if repeat is not None:
+                results[id(conv)] = Ingested("duplicate", repeat[1], repeat[2])
+                continue
+            if tid != "" and same:
+                event_id = f"{event_id}_{tid}"
+            same.append((tid, next_id, event_id))
+            results[id(conv)] = Ingested("accepted", next_id, event_id)
+        if state == IGNORED:
             results[id(conv)] = Ingested("ignored")
-            continue
-        key = (conv.tracker, conv.click_id, conv.event, conv.transaction_id)
-        if key in inserted and key not in claimed:
-            claimed.add(key)
-            conversion_id, event_id = inserted[key]
-            results[id(conv)] = Ingested("accepted", conversion_id, event_id)
-            continue
-        repeats.append((conv, key))
-    if repeats:
-        existing: dict[tuple[str, str, str, str], tuple[int, str]] = {}
-        keys = [list(key) for key in dict.fromkeys(key for _, key in repeats)]
-        for size, params in _chunks(db, keys, 4, 0):
-            for row in json.loads(db.execute(_existing(size), params).fetchone()[0]):
-                key = (row[0], row[1], row[2], row[3])
-                # Without a transaction id, the duplicate is of the click's first such conversion.
-                if key not in existing or row[4] < existing[key][0]:
-                    existing[key] = (row[4], row[5])
-        for conv, key in repeats:
-            if key not in existing:  # cannot happen inside the transaction; refuse rather than lie
-                raise StoreUnavailable("conversion vanished during commit")
-            results[id(conv)] = Ingested("duplicate", *existing[key])
+        rows.append(_conversion_row(conv, next_id, event_id, state, batch, now))
+        next_id += 1
+    if rows:
+        db.executemany(_CONVERSION_INSERT, rows)
     return results
 
 
@@ -759,27 +871,18 @@ def _chunks(
         yield size, params
 
 
-def _rounds(conversions: list[Conversion]) -> list[list[Conversion]]:
-    """The group in arrival order, split so that no part holds two conversions of one click and event.
-
-    Conversions of different clicks or events never affect each other's insert; those of the same
-    one (a rebill, a repeat) go in later parts, so each sees the ones before it, as row by row.
-    """
-    parts: list[list[Conversion]] = []
-    seen: dict[tuple[str, str, str | None], int] = {}
-    for conv in conversions:
-        key = (conv.tracker, conv.click_id, conv.event)
-        index = seen.get(key, 0)
-        seen[key] = index + 1
-        if index == len(parts):
-            parts.append([])
-        parts[index].append(conv)
-    return parts
-
-
-def _conversion_values(conv: Conversion) -> list[Any]:
-    values: list[Any] = [getattr(conv, f) for f in _CONVERSION_FIELDS]
-    values.append(conv.event_id)
-    values.append(PENDING if conv.event is not None else IGNORED)
-    values.append(conv.ignored_reason)
-    return values
+def _conversion_row(
+    conv: Conversion, id_: int, event_id: str | None, state: str, batch: int, now: float
+) -> tuple[Any, ...]:
+    pending = state == PENDING
+    return (
+        id_,
+        *[getattr(conv, f) for f in _CONVERSION_FIELDS],
+        event_id,
+        state,
+        conv.ignored_reason,
+        now if pending else None,
+        now,
+        None if pending else now,
+        batch,
+    )

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.config import Network, TrackerConfig
+from bridge.listeners import from_listener_process
 from bridge.logs import get_logger
 from bridge.mapping import BadParameter, build_click, build_conversion
 from bridge.metrics import CONTENT_TYPE
@@ -358,7 +359,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def _operator_only(request: web.Request) -> web.Response | None:
-    """/readyz and /metrics: loopback (or server.metrics_allow_ips) or the bearer token."""
+    """/readyz and /metrics: loopback (or server.metrics_allow_ips) or the bearer token.
+
+    A listener process has judged the client already, and asks over the daemon's private socket.
+    """
+    if from_listener_process(request):
+        return None
     server = request.app[RUNTIME].config.settings.server
     if server.metrics_token:
         scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
@@ -377,11 +383,13 @@ async def readyz(request: web.Request) -> web.Response:
     if (refused := _operator_only(request)) is not None:
         return refused
     runtime = request.app[RUNTIME]
-    if not runtime.worker_running:
+    if runtime.main_process is None and not runtime.worker_running:
         return web.Response(status=503, text="not ready: delivery worker is not running\n")
     problem = await runtime.store.writable()
     if problem is not None:
         return web.Response(status=503, text=f"not ready: {problem}\n")
+    if runtime.main_process is not None:
+        return await runtime.main_process.ask("/readyz")  # the worker runs there
     return web.Response(text="ready\n")
 
 
@@ -389,6 +397,8 @@ async def metrics_view(request: web.Request) -> web.Response:
     if (refused := _operator_only(request)) is not None:
         return refused
     runtime = request.app[RUNTIME]
+    if runtime.main_process is not None:
+        return await runtime.main_process.ask("/metrics")  # its gauges, and every process's counters
     await refresh_gauges(runtime)
     return web.Response(body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
