@@ -100,18 +100,39 @@ class Child:
     proc: subprocess.Popen[str]
     log: Path
 
+    def pids(self) -> list[int]:
+        """The server's process and its children (the daemon's listener processes)."""
+        pids = [self.proc.pid]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == self.proc.pid:
+                pids.append(int(entry.name))
+        return pids
+
     def cpu_seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """Peak RSS of the server's processes, added up."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def stop(self, timeout: float = 20.0) -> str:
         """SIGTERM, wait, return what it printed on stdout; SIGKILL if it does not exit in time."""
@@ -192,6 +213,7 @@ class Options:
     loadgen: str  # wrk | python
     workdir: Path
     rounds: int = 3
+    listeners: int = 1
     delivery_timeout: float = 30.0
     prefix: str = field(default_factory=lambda: "b" + secrets.token_hex(3))
     phase: int = 0
@@ -289,12 +311,12 @@ def start_baseline(workdir: Path) -> Server:
     return Server("baseline", child, url)
 
 
-def write_config(directory: Path, port: int, endpoint: str) -> Path:
+def write_config(directory: Path, port: int, endpoint: str, listeners: int = 1) -> Path:
     (directory / "trackers").mkdir(parents=True, exist_ok=True)
     (directory / "trackers" / "keitaro.yaml").write_text(TRACKER.format(key=POSTBACK_KEY))
     config = {
         # Every request comes from 127.0.0.1: the per-address click limit would refuse most of them.
-        "server": {"host": "127.0.0.1", "port": port, "click_limit_per_minute": 0},
+        "server": {"host": "127.0.0.1", "port": port, "click_limit_per_minute": 0, "listeners": listeners},
         "storage": {"path": "bridge.db"},
         "tiktok": {"endpoint": endpoint, "dry_run": False, "timeout": 10, "batch_size": 500},
         "default_pixel": "main",
@@ -306,10 +328,10 @@ def write_config(directory: Path, port: int, endpoint: str) -> Path:
     return path
 
 
-def start_bridge(name: str, directory: Path, endpoint: str, preload: int = 0) -> Server:
+def start_bridge(name: str, directory: Path, endpoint: str, listeners: int, preload: int = 0) -> Server:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = write_config(directory, port, endpoint)
+    config = write_config(directory, port, endpoint, listeners)
     db = directory / "bridge.db"
     if preload:
         fill(db, preload)
@@ -477,6 +499,8 @@ def report(
         f"load: {options.loadgen}, {options.connections} connections, {options.rounds} rounds of "
         f"{options.duration:g}s per server and kind; load average before/after: "
         f"{extra['loadavg_before']} / {extra['loadavg_after']}",
+        f"bridge: server.listeners: {options.listeners} (the daemon and {options.listeners - 1} listener "
+        "process(es); srv cpu and peak RSS add them up)",
         "",
         f"{'median of rounds':30}{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'worst p99':>10}"
         f"{'errors':>8}{'srv cpu':>9}{'gen cpu':>9}",
@@ -583,10 +607,12 @@ def run(options: Options, preload: int) -> tuple[list[Server], dict[str, int], d
     try:
         endpoint = first_line(fake)
         servers.append(start_baseline(workdir))
-        servers.append(start_bridge("bridge", workdir / "empty", endpoint))
+        servers.append(start_bridge("bridge", workdir / "empty", endpoint, options.listeners))
         if preload:
             print(f"  preloading {preload} clicks + {preload} conversions ...", flush=True)
-            servers.append(start_bridge("preloaded", workdir / "preloaded", endpoint, preload))
+            servers.append(
+                start_bridge("preloaded", workdir / "preloaded", endpoint, options.listeners, preload)
+            )
         extra: dict[str, Any] = {"loadavg_before": loadavg(), "preload": preload}
         for server in servers:
             measure(options, server, "postback", options.warmup, record=False)
@@ -626,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of phases per server (3)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring (2)")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--listeners",
+        type=int,
+        default=min(os.cpu_count() or 1, 16),
+        help="the daemon's server.listeners (default: the number of CPUs)",
+    )
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
         "--preload",
@@ -644,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("wrk is not installed (apt-get install wrk), use --loadgen python")
 
     workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
-    options = Options(args.duration, args.warmup, args.connections, loadgen, workdir, args.rounds)
+    options = Options(
+        args.duration, args.warmup, args.connections, loadgen, workdir, args.rounds, args.listeners
+    )
     print(f"benchmark in {workdir} (load generator: {loadgen})", flush=True)
     try:
         servers, fake, extra = run(options, args.preload)

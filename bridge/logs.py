@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json as _json  # `json` is configure()'s argument
 import logging
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -103,8 +106,69 @@ def _dumps(obj: Any, *, default: Any = None, **options: Any) -> str:
     return encoder.encode(obj)
 
 
+class _Lines:
+    """structlog's output: the lines logged during one turn of the event loop go out in one write.
+
+    Under load the bridge logs a line per postback, and a write per line was a system call per
+    request. Lines logged outside an event loop, and warnings and errors, are written at once (after
+    whatever waits, so the order holds); the rest waits at most until the loop's next turn.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._waiting: list[str] = []
+        self._lock = threading.Lock()
+
+    def info(self, message: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.now(message)
+            return
+        with self._lock:
+            self._waiting.append(message)
+            if len(self._waiting) > 1:
+                return  # a flush is scheduled already
+        loop.call_soon(self.flush)
+
+    def now(self, message: str) -> None:
+        with self._lock:
+            self._waiting.append(message)
+            self._write()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        if self._waiting:
+            text = "\n".join(self._waiting) + "\n"
+            self._waiting.clear()
+            self._stream.write(text)
+            self._stream.flush()
+
+    debug = msg = log = info
+    warning = warn = error = err = critical = exception = fatal = failure = now
+
+
+_LINES: _Lines | None = None
+
+
+def flush() -> None:
+    """Write out log lines that wait for the event loop's next turn (at exit)."""
+    if _LINES is not None:
+        _LINES.flush()
+
+
+atexit.register(flush)
+
+
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The standard library's records rendered like ours; a class of its own so configure() can replace it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        flush()  # structlog's lines logged before this record come before it
+        super().emit(record)
 
 
 def configure(stream: TextIO | None = None, json: bool | None = None, level: int = logging.INFO) -> None:
@@ -112,7 +176,10 @@ def configure(stream: TextIO | None = None, json: bool | None = None, level: int
 
     May be called again (tests do): the new stream and format replace the old ones.
     """
+    global _LINES
     stream = stream or sys.stderr
+    flush()
+    lines = _LINES = _Lines(stream)
     if json is None:
         json = not stream.isatty()
     renderer: Any = (
@@ -134,7 +201,7 @@ def configure(stream: TextIO | None = None, json: bool | None = None, level: int
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *args: lines,
         cache_logger_on_first_use=False,
     )
 
