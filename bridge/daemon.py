@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import fcntl
 import gc
+import hashlib
+import os
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +71,7 @@ class Daemon:
         count = settings.server.listeners
         if count > 1:
             # Private to this run: the Unix socket listener processes ask, and the metrics files.
-            self._rundir = Path(tempfile.mkdtemp(prefix="postback-bridge-"))
+            self._rundir = _run_directory(config.db_path)
             (self._rundir / "metrics").mkdir()
             share_between_processes(self._rundir / "metrics")
         try:
@@ -275,6 +278,24 @@ class Daemon:
             if self.runtime.worker_running:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def _run_directory(db_path: Path) -> Path:
+    """An empty private directory for this run's Unix socket and metrics files.
+
+    Named after the database, whose lock this daemon holds: what a crash left there is this
+    database's, removed now, so crashes do not pile directories up in the temporary directory.
+    """
+    digest = hashlib.sha256(str(db_path.resolve()).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"postback-bridge-{digest}"
+    with contextlib.suppress(FileNotFoundError):
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            # Not made by us (a shared /tmp): a fresh directory of our own instead.
+            return Path(tempfile.mkdtemp(prefix="postback-bridge-"))
+        shutil.rmtree(path)
+    path.mkdir(mode=0o700)
+    return path
 
 
 def run(config_path: Path) -> None:

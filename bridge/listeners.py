@@ -63,6 +63,9 @@ class ListenerProcesses:
     def _spawn(self, slot: int) -> None:
         # The child watches the read end: when the daemon is gone, the write end closes with it.
         read_end, write_end = os.pipe()
+        # Born with SIGHUP blocked (the mask is inherited): a reload while it starts waits until its
+        # handler is in place, instead of ending it by SIGHUP's default action.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             proc = subprocess.Popen(
                 [
@@ -83,6 +86,7 @@ class ListenerProcesses:
             os.close(write_end)
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             os.close(read_end)
         self._procs[slot] = proc
         self._pipes[slot] = write_end
@@ -193,6 +197,7 @@ async def _serve(config_path: Path, socket_fd: int, daemon_pipe: int) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(runtime))
     loop.add_reader(daemon_pipe, stop.set)  # readable = end of file: the daemon is gone
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # a reload sent meanwhile runs now
     try:
         await site.start()
         gc.collect()

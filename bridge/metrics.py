@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
     values,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -23,10 +24,34 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()
 
 
-def _gauge(name: str, documentation: str, labels: list[str], registry: CollectorRegistry) -> Gauge:
-    # Gauges are set by the daemon's main process only (listener processes ask it for /metrics), just
-    # before it renders them: across processes, the value set last is the one.
-    return Gauge(name, documentation, labels, registry=registry, multiprocess_mode="mostrecent")
+class Gauges:
+    """The gauges: counted from the database just before each scrape (stats.refresh_gauges), and kept
+    here, not in prometheus_client's Gauge, so a series whose pixel or state is gone is gone from the
+    next scrape also with listener processes (its multiprocess files cannot forget a series)."""
+
+    FAMILIES = (
+        ("bridge_conversions", "Conversions in the database, by state.", "state"),
+        # Pending events are counted for the pixel the worker will send them to, as it routes them (the
+        # click's pixel, else the conversion's, else default_pixel); "(unknown)" for a pixel the config
+        # does not have.
+        ("bridge_queue_depth", "Pending events, by pixel.", "pixel"),
+        ("bridge_oldest_pending_seconds", "Age of the oldest pending event, by pixel.", "pixel"),
+        (
+            "bridge_pixel_healthy",
+            "1 when the pixel's token is accepted, 0 while its events are held.",
+            "pixel",
+        ),
+    )
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, float]] = {name: {} for name, _, _ in self.FAMILIES}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, documentation, label in self.FAMILIES:
+            family = GaugeMetricFamily(name, documentation, labels=[label])
+            for value_label, value in self.values[name].items():
+                family.add_metric([value_label], value)
+            yield family
 
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -61,9 +86,6 @@ class Metrics:
             ["field"],
             registry=r,
         )
-        self.conversions = _gauge(
-            "bridge_conversions", "Conversions in the database, by state.", ["state"], r
-        )
         self.attempts = Counter(
             "bridge_delivery_attempts",
             "Requests to the Events API, by pixel and TikTok's answer code (or http_NNN, timeout, error).",
@@ -85,23 +107,13 @@ class Metrics:
         self.latency = Histogram(
             "bridge_tiktok_request_seconds", "Events API request latency.", ["pixel"], registry=r
         )
-        # Pending events are counted for the pixel the worker will send them to, as it routes them
-        # (the click's pixel, else the conversion's, else default_pixel); "(unknown)" for a pixel the
-        # config does not have.
-        self.queue_depth = _gauge("bridge_queue_depth", "Pending events, by pixel.", ["pixel"], r)
-        self.oldest_pending = _gauge(
-            "bridge_oldest_pending_seconds", "Age of the oldest pending event, by pixel.", ["pixel"], r
-        )
-        self.pixel_healthy = _gauge(
-            "bridge_pixel_healthy",
-            "1 when the pixel's token is accepted, 0 while its events are held.",
-            ["pixel"],
-            r,
-        )
+        self.gauges = Gauges()
+        r.register(self.gauges)
 
     def render(self) -> bytes:
         if self.shared_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.shared_dir)
+            registry.register(self.gauges)
             return generate_latest(registry)
         return generate_latest(self.registry)

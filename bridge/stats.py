@@ -114,20 +114,18 @@ async def refresh_gauges(runtime: Runtime, now: float | None = None) -> None:
         for row in await store.fetchall("SELECT pixel, healthy FROM pixel_status")
     }
 
-    metrics.conversions.clear()
-    for state, n in counts.items():
-        metrics.conversions.labels(state).set(n)
-    metrics.queue_depth.clear()
-    metrics.oldest_pending.clear()
-    metrics.pixel_healthy.clear()
-    for pixel in sorted({*config.settings.pixels, *depth}):
-        metrics.queue_depth.labels(pixel).set(depth.get(pixel, 0))
-        metrics.oldest_pending.labels(pixel).set(max(0.0, oldest.get(pixel, 0.0)))
+    healthy: dict[str, float] = {}
     for pixel in config.settings.pixels:
         # What this process saw last; before its first answer, what the previous run recorded.
         health = runtime.health.get(pixel)
-        healthy = health.healthy if health is not None else persisted.get(pixel, True)
-        metrics.pixel_healthy.labels(pixel).set(1 if healthy else 0)
+        healthy[pixel] = 1 if (health.healthy if health is not None else persisted.get(pixel, True)) else 0
+    pixels = sorted({*config.settings.pixels, *depth})
+    metrics.gauges.values = {
+        "bridge_conversions": dict(counts),
+        "bridge_queue_depth": {pixel: depth.get(pixel, 0) for pixel in pixels},
+        "bridge_oldest_pending_seconds": {pixel: max(0.0, oldest.get(pixel, 0.0)) for pixel in pixels},
+        "bridge_pixel_healthy": healthy,
+    }
 
 
 def format_stats(summary: dict[str, Any]) -> str:

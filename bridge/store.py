@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import itertools
 import os
 import queue
 import sqlite3
@@ -233,7 +234,9 @@ class Store:
         self._ingest: _IngestWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()  # one write transaction at a time on the aiosqlite connection
-        self._write_lock = _WriteTurn(self.path.with_name(self.path.name + ".writers") if shared else None)
+        self._write_lock = _WriteTurn(
+            self.path.with_name(self.path.name + ".writers") if shared else None, busy_timeout
+        )
         self._batch = 0
         self._closing = False
         self.committed = asyncio.Event()  # set after every ingest commit that added pending events
@@ -569,14 +572,19 @@ class _WriteTurn:
     the other processes too (an flock on `<db>.writers`).
 
     SQLite serialises writers on its own, and stays what keeps the data right; but a writer that finds
-    the database locked polls with sleeps of one, two, five milliseconds and more, while these wake the
-    next writer the moment the last one is done.
+    the database locked polls with sleeps of one, two, five milliseconds and more. The lock wakes the
+    next thread the moment the last one is done; the flock is tried again within a millisecond. Both
+    give up after busy_timeout, as SQLite would.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    # How long one waits for the flock before trying again: short, since a turn lasts milliseconds.
+    POLL = (0.0001, 0.0002, 0.0005, 0.001)
+
+    def __init__(self, path: Path | None, timeout: float) -> None:
         self._thread_lock = threading.Lock()
         self._path = path
         self._fd: int | None = None
+        self._timeout = timeout
 
     def open(self) -> None:
         if self._path is not None and self._fd is None:
@@ -588,13 +596,25 @@ class _WriteTurn:
             self._fd = None
 
     def __enter__(self) -> None:
-        self._thread_lock.acquire()
-        if self._fd is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            except BaseException:
-                self._thread_lock.release()
-                raise
+        # Bounded like SQLite's own wait (busy_timeout): a stalled holder means 503, not a hang.
+        deadline = time.monotonic() + self._timeout
+        if not self._thread_lock.acquire(timeout=self._timeout):
+            raise sqlite3.OperationalError("database is locked (another writer of this process)")
+        if self._fd is None:
+            return
+        try:
+            for attempt in itertools.count():
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        why = "database is locked (another bridge process)"
+                        raise sqlite3.OperationalError(why) from None
+                    time.sleep(self.POLL[min(attempt, len(self.POLL) - 1)])
+        except BaseException:
+            self._thread_lock.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         try:

@@ -450,7 +450,6 @@ class Worker:
 
     async def _set_health(self, pixel: str, healthy: bool, answer: Answer, now: float) -> None:
         health = self.runtime.pixel_health(pixel)
-        self.runtime.metrics.pixel_healthy.labels(pixel).set(1 if healthy else 0)
         if health.healthy == healthy and healthy:
             return
         if healthy:
