@@ -234,15 +234,18 @@ class Daemon:
         ]
         for name in unchangeable:
             log.warning("reload: this setting takes effect only after a restart", setting=name)
+        # A removed pixel's waiting events are routed anew (down the chain) on their next attempt: now.
         changed = [
             name for name, pixel in new.settings.pixels.items() if old.settings.pixels.get(name) != pixel
-        ]
+        ] + [name for name in old.settings.pixels if name not in new.settings.pixels]
         self.runtime.config = new
         if changed:
             self.worker.pixel_changed(changed)
             released = await self.runtime.store.make_due(time.time(), changed)
             log.info(
-                "reload: pixels changed; their waiting events are due now", pixels=changed, events=released
+                "reload: pixels changed or removed; their waiting events are due now",
+                pixels=changed,
+                events=released,
             )
         for warning in new.warnings:
             log.warning("config", problem=warning)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import signal
 import sqlite3
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -327,6 +330,10 @@ class Bridge:
         deadline = time.monotonic() + 10
         while any(alive(pid) and config in cmdline(pid) for pid in left) and time.monotonic() < deadline:
             time.sleep(0.02)
+        # Also when no listener process lived long enough to be asked: named after the database (as the
+        # daemon names it), so this one is this test's.
+        digest = hashlib.sha256(str((self.directory / "bridge.db").resolve()).encode()).hexdigest()[:16]
+        self.rundirs.add(Path(tempfile.gettempdir()) / f"postback-bridge-{digest}")
         for rundir in self.rundirs:
             shutil.rmtree(rundir, ignore_errors=True)
 
@@ -365,6 +372,36 @@ async def postbacks(conns: list[Conn], prefix: str, tracker: str = "keitaro") ->
         *(conn.get(postback_path(click_id, tracker)) for conn, click_id in zip(conns, ids, strict=True))
     )
     return {click_id: (status, parse(body)) for click_id, (status, body) in zip(ids, answers, strict=True)}
+
+
+async def one_connection_each(bridge: Bridge, pids: list[int], rounds: int = 50) -> dict[int, Conn]:
+    """A fresh connection accepted by each of `pids` (the kernel hands connections to either process:
+    open some until each one has taken one); the others are closed."""
+    found: dict[int, Conn] = {}
+    for _ in range(rounds):
+        for conn in await bridge.connect(4, pids):
+            if conn.owner is not None and conn.owner not in found:
+                found[conn.owner] = conn
+            else:
+                conn.close()
+        if set(found) == set(pids):
+            return found
+    for conn in found.values():
+        conn.close()
+    raise AssertionError(f"no connection taken by each of {pids} in {rounds} rounds: {sorted(found)}")
+
+
+GAUGES = ("bridge_conversions", "bridge_queue_depth", "bridge_oldest_pending_seconds", "bridge_pixel_healthy")
+
+
+def gauge_samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the gauge families in a /metrics answer: (name, labels) -> value."""
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        if family.type == "gauge":
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
 
 
 # -- tests -------------------------------------------------------------------------------------------
@@ -521,3 +558,152 @@ async def test_readyz_asked_of_the_listener_process_answers_ready(bridge: Bridge
     answers = await asyncio.gather(*(conn.get("/readyz") for conn in conns))
 
     assert answers == [(200, b"ready\n")] * len(conns)
+
+
+async def test_sighups_right_after_start_do_not_kill_the_listener_process_and_reach_it(
+    bridge: Bridge,
+) -> None:
+    write_config(bridge.directory, bridge.settings)
+    bridge.daemon.start()
+    bridge.seen_pids.add(bridge.pid)
+
+    def logged(event: str, **fields: Any) -> dict[str, Any] | None:
+        return next(
+            (
+                line
+                for line in bridge.daemon.log_lines()
+                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
+            ),
+            None,
+        )
+
+    # "listening" comes once the daemon's own SIGHUP handler is in place (before it, SIGHUP would end the
+    # daemon itself): the earliest a reload can be asked for, while the listener process the daemon
+    # started a moment before is still starting Python. Every reload sends that process a SIGHUP.
+    listening = await until(lambda: logged("listening"), 20, "the daemon's listening line")
+    [child] = listening["listener_processes"]
+    bridge.seen_pids.add(child)
+    child_was_starting = logged("listener process ready", pid=child) is None
+    first_second = time.monotonic() + 1.0
+    while time.monotonic() < first_second:
+        bridge.daemon.signal(signal.SIGHUP)
+        await asyncio.sleep(0.1)
+    assert child_was_starting, "the listener process was ready before the first SIGHUP: this proves nothing"
+    outcome = await bridge.daemon.wait_log(
+        lambda line: (
+            line.get("pid") == child
+            and line.get("event") in ("listener process ready", "listener process exited; starting it again")
+        )
+    )
+    assert outcome["event"] == "listener process ready", outcome  # code -1: ended by SIGHUP
+    await bridge.wait_child_ready(child)
+
+    # A tracker the listener process cannot have read at its start: only the last SIGHUP gives it.
+    tracker = yaml.safe_load((SHIPPED_TRACKERS / "keitaro.yaml").read_text())
+    tracker["name"] = "fresh"
+    (bridge.directory / "trackers" / "fresh.yaml").write_text(yaml.safe_dump(tracker))
+    bridge.daemon.signal(signal.SIGHUP)
+    await bridge.daemon.wait_log(
+        lambda line: line.get("event") == "reloaded" and "fresh" in line.get("trackers", [])
+    )
+
+    watched_until = time.monotonic() + 3.0
+    while time.monotonic() < watched_until:
+        events = [line.get("event") for line in bridge.daemon.log_lines()]
+        assert "listener process exited; starting it again" not in events, bridge.daemon.logs_text()
+        assert alive(child), f"listener process {child} is gone:\n{bridge.daemon.logs_text()}"
+        assert bridge.children() == [child]
+        await asyncio.sleep(0.1)
+    assert bridge.daemon.proc is not None and bridge.daemon.proc.poll() is None
+    assert "reload failed" not in events
+
+    async with bridge.parent_stopped():
+        conns = await bridge.connect(4, [bridge.pid, child], timeout=3)
+        assert conns and {conn.owner for conn in conns} == {child}
+        answers = await postbacks(conns, "early", tracker="fresh")
+    assert [(status, body.get("result")) for status, body in answers.values()] == [(200, "accepted")] * len(
+        conns
+    )
+    await bridge.delivered_once({f"{click_id}_Lead" for click_id in answers})
+
+
+async def test_metrics_forget_the_gauges_of_a_removed_pixel_with_listener_processes(bridge: Bridge) -> None:
+    bridge.settings["pixels"]["second"]["access_token"] = "token-refused-0123456789"  # the fake says 40001
+    tracker = yaml.safe_load((SHIPPED_TRACKERS / "keitaro.yaml").read_text())
+    tracker.update(name="tosecond", pixel="second")
+    (bridge.directory / "trackers").mkdir(parents=True, exist_ok=True)
+    (bridge.directory / "trackers" / "tosecond.yaml").write_text(yaml.safe_dump(tracker))
+    [child] = await bridge.start()
+
+    answers = await postbacks(await bridge.connect(3, [bridge.pid, child]), "held", tracker="tosecond")
+    assert [(status, body.get("result")) for status, body in answers.values()] == [(200, "accepted")] * 3
+
+    async def scrape_both() -> dict[int, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+        """/metrics asked of the daemon and of the listener process, each on a fresh connection."""
+        conns = await one_connection_each(bridge, [bridge.pid, child])
+        answers = await asyncio.gather(*(conn.get("/metrics") for conn in conns.values()))
+        assert [status for status, _ in answers] == [200, 200], answers
+        return {owner: gauge_samples(body) for owner, (_, body) in zip(conns, answers, strict=True)}
+
+    pixel_2 = (("pixel", "second"),)
+    held = {("bridge_pixel_healthy", pixel_2): 0.0, ("bridge_queue_depth", pixel_2): 3.0}
+
+    async def shows_held() -> bool:
+        scrapes = await scrape_both()
+        return all(samples.get(key) == value for samples in scrapes.values() for key, value in held.items())
+
+    deadline = time.monotonic() + 20
+    while not await shows_held():
+        assert time.monotonic() < deadline, f"/metrics never showed {held}: {await scrape_both()}"
+        await asyncio.sleep(0.2)
+
+    del bridge.settings["pixels"]["second"]
+    write_config(bridge.directory, bridge.settings)
+    (bridge.directory / "trackers" / "tosecond.yaml").unlink()
+    bridge.daemon.signal(signal.SIGHUP)
+    reloaded = await bridge.daemon.wait_log(lambda line: line.get("event") == "reloaded")
+    assert reloaded["pixels"] == ["main"] and "tosecond" not in reloaded["trackers"], reloaded
+
+    # The removed pixel's held events are due at once and go where the config routes them now.
+    await bridge.delivered_once({f"{click_id}_Lead" for click_id in answers})
+    for _ in range(3):
+        for owner, samples in (await scrape_both()).items():
+            which = "daemon" if owner == bridge.pid else "listener process"
+            assert [key for key in samples if ("pixel", "second") in key[1]] == [], (which, samples)
+            assert samples[("bridge_pixel_healthy", (("pixel", "main"),))] == 1.0, (which, samples)
+            assert samples[("bridge_queue_depth", (("pixel", "main"),))] == 0.0, (which, samples)
+    assert "Clearing labels has not been implemented" not in bridge.daemon.logs_text()
+
+
+async def test_a_stalled_writer_gives_503_after_busy_timeout_in_both_processes(bridge: Bridge) -> None:
+    [child] = await bridge.start()
+    conns = await one_connection_each(bridge, [bridge.pid, child])
+
+    # The write turn between processes, held by this test as a stalled bridge process would.
+    fd = os.open(bridge.directory / "bridge.db.writers", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        started = time.monotonic()
+        try:
+            stalled = await asyncio.gather(
+                *(conn.get(postback_path(f"stalled{owner}"), timeout=15) for owner, conn in conns.items())
+            )
+        except TimeoutError:
+            raise AssertionError("no answer in 15 s: a postback waits for a stalled writer") from None
+        waited = time.monotonic() - started
+    finally:
+        os.close(fd)  # releases the flock
+
+    assert [(status, parse(body)) for status, body in stalled] == [
+        (503, {"error": "temporarily unavailable, retry later"})
+    ] * 2, f"after {waited:.1f}s"
+    conns = await one_connection_each(bridge, [bridge.pid, child])
+    after = await asyncio.gather(*(conn.get(postback_path(f"after{owner}")) for owner, conn in conns.items()))
+    answers = {owner: (status, parse(body)) for owner, (status, body) in zip(conns, after, strict=True)}
+    assert {owner: (status, body.get("result")) for owner, (status, body) in answers.items()} == {
+        bridge.pid: (200, "accepted"),
+        child: (200, "accepted"),
+    }
+    # Nothing of the refused ones was stored; the delivery worker lived through the stall.
+    await bridge.delivered_once({f"after{owner}_Lead" for owner in answers})
+    assert sum(bridge.states().values()) == 2
