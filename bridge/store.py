@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import itertools
 import os
 import queue
 import sqlite3
@@ -572,13 +571,11 @@ class _WriteTurn:
     the other processes too (an flock on `<db>.writers`).
 
     SQLite serialises writers on its own, and stays what keeps the data right; but a writer that finds
-    the database locked polls with sleeps of one, two, five milliseconds and more. The lock wakes the
-    next thread the moment the last one is done; the flock is tried again within a millisecond. Both
-    give up after busy_timeout, as SQLite would.
+    the database locked polls with sleeps of one, two, five milliseconds and more, while these wake the
+    next writer the moment the last one is done. The flock has no time limit: a bridge process stalled
+    while it holds the turn (stopped with SIGSTOP, say) holds up the others' writes until it goes on or
+    goes away, where SQLite alone would answer 503 after busy_timeout.
     """
-
-    # How long one waits for the flock before trying again: short, since a turn lasts milliseconds.
-    POLL = (0.0001, 0.0002, 0.0005, 0.001)
 
     def __init__(self, path: Path | None, timeout: float) -> None:
         self._thread_lock = threading.Lock()
@@ -596,22 +593,15 @@ class _WriteTurn:
             self._fd = None
 
     def __enter__(self) -> None:
-        # Bounded like SQLite's own wait (busy_timeout): a stalled holder means 503, not a hang.
-        deadline = time.monotonic() + self._timeout
         if not self._thread_lock.acquire(timeout=self._timeout):
             raise sqlite3.OperationalError("database is locked (another writer of this process)")
         if self._fd is None:
             return
         try:
-            for attempt in itertools.count():
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        why = "database is locked (another bridge process)"
-                        raise sqlite3.OperationalError(why) from None
-                    time.sleep(self.POLL[min(attempt, len(self.POLL) - 1)])
+            # Blocking: the kernel hands the lock to the waiting process as soon as it is free. Tried
+            # without blocking, a busy process took its turn again before the other one looked, and the
+            # other one's requests waited hundreds of milliseconds.
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
             raise

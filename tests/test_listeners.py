@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -673,37 +672,3 @@ async def test_metrics_forget_the_gauges_of_a_removed_pixel_with_listener_proces
             assert samples[("bridge_pixel_healthy", (("pixel", "main"),))] == 1.0, (which, samples)
             assert samples[("bridge_queue_depth", (("pixel", "main"),))] == 0.0, (which, samples)
     assert "Clearing labels has not been implemented" not in bridge.daemon.logs_text()
-
-
-async def test_a_stalled_writer_gives_503_after_busy_timeout_in_both_processes(bridge: Bridge) -> None:
-    [child] = await bridge.start()
-    conns = await one_connection_each(bridge, [bridge.pid, child])
-
-    # The write turn between processes, held by this test as a stalled bridge process would.
-    fd = os.open(bridge.directory / "bridge.db.writers", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        started = time.monotonic()
-        try:
-            stalled = await asyncio.gather(
-                *(conn.get(postback_path(f"stalled{owner}"), timeout=15) for owner, conn in conns.items())
-            )
-        except TimeoutError:
-            raise AssertionError("no answer in 15 s: a postback waits for a stalled writer") from None
-        waited = time.monotonic() - started
-    finally:
-        os.close(fd)  # releases the flock
-
-    assert [(status, parse(body)) for status, body in stalled] == [
-        (503, {"error": "temporarily unavailable, retry later"})
-    ] * 2, f"after {waited:.1f}s"
-    conns = await one_connection_each(bridge, [bridge.pid, child])
-    after = await asyncio.gather(*(conn.get(postback_path(f"after{owner}")) for owner, conn in conns.items()))
-    answers = {owner: (status, parse(body)) for owner, (status, body) in zip(conns, after, strict=True)}
-    assert {owner: (status, body.get("result")) for owner, (status, body) in answers.items()} == {
-        bridge.pid: (200, "accepted"),
-        child: (200, "accepted"),
-    }
-    # Nothing of the refused ones was stored; the delivery worker lived through the stall.
-    await bridge.delivered_once({f"after{owner}_Lead" for owner in answers})
-    assert sum(bridge.states().values()) == 2
