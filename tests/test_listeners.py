@@ -299,6 +299,16 @@ class Bridge:
         finally:
             db.close()
 
+    async def add_fresh_tracker_and_reload(self) -> None:
+        """A tracker `fresh` (the shipped Keitaro file under another name), then SIGHUP until reloaded."""
+        tracker = yaml.safe_load((SHIPPED_TRACKERS / "keitaro.yaml").read_text())
+        tracker["name"] = "fresh"
+        (self.directory / "trackers" / "fresh.yaml").write_text(yaml.safe_dump(tracker))
+        self.daemon.signal(signal.SIGHUP)
+        await self.daemon.wait_log(
+            lambda line: line.get("event") == "reloaded" and "fresh" in line.get("trackers", [])
+        )
+
     async def delivered_once(self, event_ids: set[str], timeout: float = 20.0) -> None:
         """Every one of `event_ids` reached TikTok, nothing is left to send, and none came twice."""
         await self.fake.wait_for(lambda: event_ids <= set(self.fake.event_ids()), timeout=timeout)
@@ -457,13 +467,7 @@ async def test_sighup_gives_the_listener_process_a_new_tracker_too(bridge: Bridg
     conns = await bridge.connect(1, [bridge.pid, child])
     assert (await conns[0].get(postback_path("before", "fresh")))[0] == 404
 
-    tracker = yaml.safe_load((SHIPPED_TRACKERS / "keitaro.yaml").read_text())
-    tracker["name"] = "fresh"
-    (bridge.directory / "trackers" / "fresh.yaml").write_text(yaml.safe_dump(tracker))
-    bridge.daemon.signal(signal.SIGHUP)
-    await bridge.daemon.wait_log(
-        lambda line: line.get("event") == "reloaded" and "fresh" in line.get("trackers", [])
-    )
+    await bridge.add_fresh_tracker_and_reload()
 
     conns = await bridge.connect(40, [bridge.pid, child])
     assert len(conns) == 40
@@ -598,13 +602,7 @@ async def test_sighups_right_after_start_do_not_kill_the_listener_process_and_re
     await bridge.wait_child_ready(child)
 
     # A tracker the listener process cannot have read at its start: only the last SIGHUP gives it.
-    tracker = yaml.safe_load((SHIPPED_TRACKERS / "keitaro.yaml").read_text())
-    tracker["name"] = "fresh"
-    (bridge.directory / "trackers" / "fresh.yaml").write_text(yaml.safe_dump(tracker))
-    bridge.daemon.signal(signal.SIGHUP)
-    await bridge.daemon.wait_log(
-        lambda line: line.get("event") == "reloaded" and "fresh" in line.get("trackers", [])
-    )
+    await bridge.add_fresh_tracker_and_reload()
 
     watched_until = time.monotonic() + 3.0
     while time.monotonic() < watched_until:
