@@ -24,7 +24,7 @@ from bridge.config import Config, ConfigError, is_loopback, load_config
 from bridge.listeners import ListenerProcesses
 from bridge.logs import get_logger
 from bridge.metrics import share_between_processes
-from bridge.runtime import Runtime
+from bridge.runtime import Runtime, event_loop_runner
 from bridge.sdnotify import Notifier
 from bridge.store import Store, StoreUnavailable
 from bridge.web import create_app
@@ -101,11 +101,10 @@ class Daemon:
                 backlog=1024,
             )
             sock.set_inheritable(True)
+            daemon_socket = self._rundir / "daemon.sock"
             sites.append(web.SockSite(runner, sock))
-            sites.append(web.UnixSite(runner, str(self._rundir / "daemon.sock")))
-            listeners = self.listeners = ListenerProcesses(
-                count - 1, sock, config.path, self._rundir / "daemon.sock"
-            )
+            sites.append(web.UnixSite(runner, str(daemon_socket)))
+            listeners = self.listeners = ListenerProcesses(count - 1, sock, config.path, daemon_socket)
         else:
             sites.append(web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True))
         try:
@@ -303,11 +302,5 @@ def _run_directory(db_path: Path) -> Path:
 
 def run(config_path: Path) -> None:
     config = load_config(config_path)
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is optional off Linux
-        runner = asyncio.Runner()
-    with runner:
+    with event_loop_runner() as runner:
         runner.run(Daemon(config).run())

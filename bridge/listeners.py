@@ -32,7 +32,7 @@ from aiohttp import web
 
 from bridge.config import ConfigError, load_config
 from bridge.logs import configure, get_logger
-from bridge.runtime import Runtime
+from bridge.runtime import Runtime, event_loop_runner
 from bridge.store import Store, StoreUnavailable
 
 log = get_logger("bridge.listeners")
@@ -230,13 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure()
     try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is optional off Linux
-        runner = asyncio.Runner()
-    try:
-        with runner:
+        with event_loop_runner() as runner:
             runner.run(_serve(args.config, args.socket_fd, args.daemon_pipe))
     except (ConfigError, StoreUnavailable) as exc:
         log.error("listener process cannot start", error=str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,3 +39,12 @@ class Runtime:
         if pixel not in self.health:
             self.health[pixel] = PixelHealth()
         return self.health[pixel]
+
+
+def event_loop_runner() -> asyncio.Runner:
+    """The daemon's and the listener processes' event loop: uvloop where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)

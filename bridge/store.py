@@ -250,11 +250,8 @@ class Store:
             # to an event loop that may be closed by then, a traceback at exit instead of one line.
             await asyncio.to_thread(lambda: sqlite3.connect(self.path).close())
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            await self._db.execute("PRAGMA journal_mode = WAL")
-            # FULL: an acknowledged conversion survives power loss, not only a process crash.
-            await self._db.execute("PRAGMA synchronous = FULL")
-            await self._db.execute("PRAGMA foreign_keys = ON")
+            for pragma in self._pragmas():
+                await self._db.execute(pragma)
             await self._migrate()
             self._batch = await self._scalar("SELECT COALESCE(MAX(ingest_batch), 0) FROM conversions")
             ingest = await asyncio.to_thread(self._connect)
@@ -270,12 +267,21 @@ class Store:
         self._ingest = _IngestWriter(self, ingest, self._write_lock)
         return self
 
+    def _pragmas(self) -> list[str]:
+        """The settings of every connection the store opens."""
+        return [
+            f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}",
+            "PRAGMA journal_mode = WAL",
+            # FULL: an acknowledged conversion survives power loss, not only a process crash.
+            "PRAGMA synchronous = FULL",
+            "PRAGMA foreign_keys = ON",
+        ]
+
     def _connect(self) -> sqlite3.Connection:
-        """A connection with the bridge's settings; `check_same_thread` off to close it elsewhere."""
+        """The ingest writer's connection; `check_same_thread` off to close it on its own thread."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        # FULL: an acknowledged conversion survives power loss, not only a process crash.
-        conn.execute("PRAGMA synchronous = FULL")
+        for pragma in self._pragmas():
+            conn.execute(pragma)
         return conn
 
     def next_batch(self) -> int:
@@ -744,23 +750,22 @@ def _insert_conversions(
     rows: list[tuple[Any, ...]] = []
     results: dict[int, Ingested] = {}
     for conv in conversions:
-        state, event_id = PENDING, conv.event_id
-        if conv.event is None:
-            state = IGNORED
-        else:
+        state, event_id, result = IGNORED, conv.event_id, Ingested("ignored")
+        if conv.event is not None:
             same = known.setdefault((conv.tracker, conv.click_id, conv.event), [])
             tid = conv.transaction_id
-            first = same[0] if same else None
-            repeat = first if tid == "" else next((s for s in same if s[0] == tid), None)
+            if tid == "":
+                repeat = same[0] if same else None
+            else:
+                repeat = next((s for s in same if s[0] == tid), None)
             if repeat is not None:
                 results[id(conv)] = Ingested("duplicate", repeat[1], repeat[2])
                 continue
             if tid != "" and same:
                 event_id = f"{event_id}_{tid}"
             same.append((tid, next_id, event_id))
-            results[id(conv)] = Ingested("accepted", next_id, event_id)
-        if state == IGNORED:
-            results[id(conv)] = Ingested("ignored")
+            state, result = PENDING, Ingested("accepted", next_id, event_id)
+        results[id(conv)] = result
         rows.append(_conversion_row(conv, next_id, event_id, state, batch, now))
         next_id += 1
     if rows:
