@@ -16,7 +16,7 @@ import aiohttp
 
 from bridge import __version__
 from bridge.config import Config, ConfigError, load_config, resolve_config_path
-from bridge.enrich import prepare
+from bridge.enrich import explain as explain_event
 from bridge.logs import configure
 from bridge.mapping import BadParameter, build_conversion
 from bridge.store import Store, StoreUnavailable
@@ -107,7 +107,7 @@ def explain(config: Config, url: str, click: Any = None, now: float | None = Non
         **{field: getattr(conversion, field) for field in conversion.__dataclass_fields__},
         "event_id": conversion.event_id,
     }
-    prepared = prepare(row, click)
+    prepared = explain_event(row, click)
     pixel = config.route_pixel(prepared.pixel_refs)
     result: dict[str, Any] = {
         "result": "accepted",
@@ -280,7 +280,7 @@ def cmd_test_event(args: argparse.Namespace) -> int:
         "page": {"url": "https://example.com/postback-bridge-test"},
     }
     payload = build_payload(
-        pixel.code, [event], config.settings.tiktok.partner_name or None, pixel.test_event_code
+        pixel.code, [json.dumps(event)], config.settings.tiktok.partner_name or None, pixel.test_event_code
     )
 
     async def go() -> Any:

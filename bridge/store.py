@@ -5,26 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
+import json
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
+from bridge.enrich import events_sql
 from bridge.mapping import Click, Conversion
 
 _T = TypeVar("_T")
 # A click or conversion and the future its request awaits.
 _Waiting = tuple[Any, "asyncio.Future[Any]"]
-# Rows per multi-row statement at most (fewer where SQLite allows fewer parameters).
-_MAX_CHUNK_ROWS = 256
 
 # Each entry moves the schema one version up; the first is the first release's schema.
 MIGRATIONS: tuple[str, ...] = (
@@ -126,20 +125,6 @@ _CONVERSION_FIELDS = (
     "phone_hash",
     "external_id_hash",
 )
-# What a claim returns of each conversion: the postback's fields and the delivery state.
-CONVERSION_COLUMNS = (
-    "id",
-    *_CONVERSION_FIELDS,
-    "event_id",
-    "state",
-    "reason",
-    "attempts",
-    "sent_pixel",
-    "last_code",
-    "last_error",
-    "request_id",
-    "received_at",
-)
 
 
 PRUNE_SLICE = 2000
@@ -156,7 +141,7 @@ class Ingested:
     event_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """What the worker decided for one claimed conversion; applied in one transaction per cycle."""
 
@@ -199,14 +184,6 @@ _CONVERSION_ROW = (
 _CONVERSION_INSERT = f"""
 INSERT INTO conversions ({", ".join(_CONVERSION_ROW)}) VALUES ({", ".join("?" * len(_CONVERSION_ROW))})
 """  # noqa: S608 -- column names are constants; values are bound
-
-
-def _values(rows: int, width: int, first: int) -> str:
-    """`(?3, ?4), (?5, ?6)`: `rows` rows of `width` numbered parameters, the first numbered `first`."""
-    return ", ".join(
-        "(" + ", ".join(f"?{first + row * width + column}" for column in range(width)) + ")"
-        for row in range(rows)
-    )
 
 
 # Most of a group's conversions are a click's first: this finds the few that are not in one step.
@@ -252,6 +229,13 @@ class Store:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in self._pragmas():
                 await self._db.execute(pragma)
+            try:
+                await self._db.execute("SELECT json_patch('{}', json_object('events', json_array()))")
+            except sqlite3.OperationalError:
+                raise StoreUnavailable(
+                    f"the SQLite library ({sqlite3.sqlite_version}) was built without its JSON functions,"
+                    " which the delivery worker needs (SQLite 3.38 and newer always have them)"
+                ) from None
             await self._migrate()
             self._batch = await self._scalar("SELECT COALESCE(MAX(ingest_batch), 0) FROM conversions")
             ingest = await asyncio.to_thread(self._connect)
@@ -431,24 +415,25 @@ class Store:
                 )
 
     async def claim_due(self, now: float, limit: int, lease: float) -> list[sqlite3.Row]:
-        """Lease up to `limit` due events; a lease that runs out (crash) makes them due again."""
+        """Lease up to `limit` due events, each merged with its click into the event to send (rows of
+        bridge.enrich.events_sql, by id); a lease that runs out (crash) makes them due again."""
         params = {"lease": now + lease, "now": now, "limit": limit}
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
-            rows = await self._write_on_db_thread(_in_transaction, _claim, params)
-        rows.sort(key=lambda r: r["id"])
-        return rows
-
-    async def clicks_for(self, click_ids: Iterable[str]) -> dict[str, sqlite3.Row]:
-        return await self._on_db_thread(_clicks_for, sorted(set(click_ids)))
+            return await self._write_on_db_thread(_in_transaction, _claim, params)
 
     async def apply(self, outcomes: Sequence[Outcome], now: float) -> None:
-        """Record the worker's outcomes for one cycle in one transaction."""
+        """Record the worker's outcomes for one cycle in one transaction.
+
+        Outcomes alike but for the event are written by one statement: a delivered batch is one
+        UPDATE of a list of ids (per set of match keys), not a row of parameters per event.
+        """
         if not outcomes:
             return
-        rows = [
-            [
-                o.id,
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for o in outcomes:
+            finished_at = None if o.state == PENDING else now
+            key = (
                 o.state,
                 o.next_attempt_at,
                 1 if o.count_attempt else 0,
@@ -457,10 +442,11 @@ class Store:
                 o.error,
                 o.request_id,
                 o.match_keys,
-                None if o.state == PENDING else now,
-            ]
-            for o in outcomes
-        ]
+                finished_at,
+            )
+            groups.setdefault(key, []).append(o.id)
+        # In the order of the outcomes' first appearance: two outcomes for one id apply in order.
+        rows = [(json.dumps(ids), *key) for key, ids in groups.items()]
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
             await self._write_on_db_thread(_in_transaction, _apply, rows)
@@ -786,104 +772,46 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[..., _T], *args: Any) -
     return result
 
 
+_CLAIM = """
+UPDATE conversions SET lease_until = :lease WHERE id IN (
+    SELECT id FROM conversions
+    WHERE state = 'pending' AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until <= :now)
+    ORDER BY next_attempt_at LIMIT :limit)
+RETURNING id
+"""
+_CLAIMED_EVENTS = events_sql(
+    "conversions c LEFT JOIN clicks k ON k.click_id = c.click_id"
+    " WHERE c.id IN (SELECT value FROM json_each(?))"
+)
+
+
 def _claim(db: sqlite3.Connection, params: dict[str, Any]) -> list[sqlite3.Row]:
-    cursor = db.execute(
-        f"""UPDATE conversions SET lease_until = :lease WHERE id IN (
-                SELECT id FROM conversions
-                WHERE state = 'pending' AND next_attempt_at <= :now
-                  AND (lease_until IS NULL OR lease_until <= :now)
-                ORDER BY next_attempt_at LIMIT :limit)
-            RETURNING {", ".join(CONVERSION_COLUMNS)}""",  # noqa: S608 -- constant column list
-        params,
-    )
+    ids = [row[0] for row in db.execute(_CLAIM, params)]
+    if not ids:
+        return []
+    cursor = db.execute(_CLAIMED_EVENTS, (json.dumps(ids),))
     cursor.row_factory = sqlite3.Row
     return cursor.fetchall()
 
 
-def _clicks_for(db: sqlite3.Connection, ids: list[str]) -> dict[str, sqlite3.Row]:
-    found: dict[str, sqlite3.Row] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        cursor = db.execute(
-            f"SELECT click_id, {', '.join(CLICK_FIELDS)} FROM clicks WHERE click_id IN ({marks})",  # noqa: S608
-            chunk,
-        )
-        cursor.row_factory = sqlite3.Row
-        for row in cursor:
-            found[row["click_id"]] = row
-    return found
-
-
-# An outcome's values for _apply, in this order (see Store.apply). As SQL: the outcome's columns.
-_OUTCOME_SET = """
-    state = {state}, next_attempt_at = {next_attempt_at}, lease_until = NULL,
-    attempts = attempts + {inc},
-    sent_pixel = COALESCE({sent_pixel}, sent_pixel),
-    last_code = COALESCE({code}, last_code),
-    last_error = CASE WHEN {state} IN ('delivered', 'delivered_dry_run') THEN NULL
-                      ELSE COALESCE({error}, last_error) END,
-    request_id = COALESCE({request_id}, request_id),
-    match_keys = COALESCE({match_keys}, match_keys),
-    finished_at = {finished_at}
+# A group of outcomes (Store.apply): the ids as a JSON array, then what happened to all of them.
+_APPLY = """
+UPDATE conversions SET
+    state = ?2, next_attempt_at = ?3, lease_until = NULL,
+    attempts = attempts + ?4,
+    sent_pixel = COALESCE(?5, sent_pixel),
+    last_code = COALESCE(?6, last_code),
+    last_error = CASE WHEN ?2 IN ('delivered', 'delivered_dry_run') THEN NULL
+                      ELSE COALESCE(?7, last_error) END,
+    request_id = COALESCE(?8, request_id),
+    match_keys = COALESCE(?9, match_keys),
+    finished_at = ?10
+WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'pending'
 """
-_OUTCOME_ROW = (
-    "id",
-    "state",
-    "next_attempt_at",
-    "inc",
-    "sent_pixel",
-    "code",
-    "error",
-    "request_id",
-    "match_keys",
-    "finished_at",
-)
-# UPDATE ... FROM, for a whole cycle's outcomes in one statement, came with SQLite 3.33.
-_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
-_APPLY_ONE = (
-    "UPDATE conversions SET"
-    + _OUTCOME_SET.format(**{name: f"?{i + 1}" for i, name in enumerate(_OUTCOME_ROW)})
-    + "WHERE id = ?1 AND state = 'pending'"
-)
 
 
-@functools.cache
-def _apply_many(rows: int) -> str:
-    o = {name: f"o.column{i + 1}" for i, name in enumerate(_OUTCOME_ROW)}
-    return (
-        "UPDATE conversions SET"
-        + _OUTCOME_SET.format(**o)
-        + f"FROM (VALUES {_values(rows, len(_OUTCOME_ROW), 1)}) AS o "
-        + "WHERE conversions.id = o.column1 AND conversions.state = 'pending'"
-    )
-
-
-def _apply(db: sqlite3.Connection, rows: list[list[Any]]) -> None:
-    # One statement per chunk, not one step per outcome (each a GIL handoff, as for ingest). Two
-    # outcomes for one id would apply in order row by row, but in any order in one statement.
-    if _UPDATE_FROM and len({row[0] for row in rows}) == len(rows):
-        for size, params in _chunks(db, rows, len(_OUTCOME_ROW), 0):
-            db.execute(_apply_many(size), params)
-    else:
-        db.executemany(_APPLY_ONE, rows)
-
-
-def _chunks(
-    db: sqlite3.Connection, rows: list[list[Any]], width: int, fixed: int
-) -> Iterator[tuple[int, list[Any]]]:
-    """Rows flattened into parameter lists, padded with NULL rows to a power of two.
-
-    Each chunk stays within SQLite's limit on parameters (`fixed` of them come before the rows).
-    """
-    room = (db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - fixed) // width
-    most = 1 << min(_MAX_CHUNK_ROWS.bit_length() - 1, room.bit_length() - 1)
-    for start in range(0, len(rows), most):
-        chunk = rows[start : start + most]
-        size = 1 << (len(chunk) - 1).bit_length()
-        params = [value for row in chunk for value in row]
-        params.extend([None] * ((size - len(chunk)) * width))
-        yield size, params
+def _apply(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    db.executemany(_APPLY, rows)
 
 
 def _conversion_row(

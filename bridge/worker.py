@@ -8,14 +8,14 @@ import dataclasses
 import json
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from bridge.enrich import Prepared, prepare
+from bridge.enrich import pixel_refs
 from bridge.logs import get_logger
 from bridge.pacing import Pacer
 from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
@@ -43,16 +43,8 @@ IDLE_SECONDS = 1.0
 STOP_GRACE_SECONDS = 5.0
 # A pacing or hold deadline this close is treated as reached (the clock moves while a cycle runs).
 GATE_SLACK_SECONDS = 0.05
-# Events prepared between two turns of the event loop: a few hundred at once held up every request
-# in flight for several milliseconds.
-PREPARE_SLICE = 100
-
-
-@dataclass(frozen=True)
-class Item:
-    row: Any  # sqlite3.Row of the conversion
-    prepared: Prepared
-
+# A claimed event: a row of bridge.enrich.events_sql (its JSON text, match keys, pixel candidates).
+Item = Any
 
 # This many transient answers in a row, without a success between, mean TikTok (or the way to it)
 # was down rather than one batch being unlucky: the first success then sends everything waiting.
@@ -192,31 +184,25 @@ class Worker:
         for conversion_id in ids:
             self._probes.pop(conversion_id, None)
         by_id = {row["id"]: row for row in rows}
+        finished: Counter[tuple[str, str]] = Counter()
         for outcome in outcomes:
             if outcome.state != PENDING:
-                self.runtime.metrics.delivered.labels(outcome.sent_pixel or "", outcome.state).inc()
+                finished[outcome.sent_pixel or "", outcome.state] += 1
             if outcome.state in NOT_DELIVERED:
                 _log_not_delivered(by_id[outcome.id], outcome)
+        for (pixel, state), events in finished.items():
+            self.runtime.metrics.delivered.labels(pixel, state).inc(events)
         return len(rows) + await self._probe_outages(self.clock())
 
     async def _handle(self, rows: list[Any], now: float) -> list[Outcome]:
         """Decide every claimed event: expired, unroutable, unmatched, waiting, or sent (and how it went)."""
         config = self.runtime.config
         settings = config.settings
-        clicks = await self.runtime.store.clicks_for(row["click_id"] for row in rows)
         outcomes: list[Outcome] = []
         batches: dict[str, list[Item]] = defaultdict(list)
-        for index, row in enumerate(rows):
-            if index and index % PREPARE_SLICE == 0:
-                await asyncio.sleep(0)  # let the listener answer between slices
-            try:
-                prepared = prepare(row, clicks.get(row["click_id"]))
-            except Exception as exc:  # one malformed row must not stall the queue behind it
-                outcomes.append(
-                    Outcome(row["id"], FAILED, count_attempt=False, error=f"cannot build the event: {exc!r}")
-                )
-                continue
-            keys = ",".join(prepared.match_keys)
+        routes: dict[tuple[str, ...], str] = {}
+        for row in rows:
+            keys = row["match_keys"]
             if now - row["event_time"] > settings.delivery.max_event_age:
                 outcomes.append(
                     Outcome(
@@ -228,17 +214,20 @@ class Worker:
                     )
                 )
                 continue
-            pixel = config.route_pixel(prepared.pixel_refs)
-            if not prepared.match_keys:
+            refs = pixel_refs(row)
+            pixel = routes.get(refs)
+            if pixel is None:
+                pixel = routes[refs] = config.route_pixel(refs)
+            if not keys:
                 outcomes.append(
                     Outcome(row["id"], UNMATCHED, count_attempt=False, sent_pixel=pixel, match_keys="")
                 )
                 continue
             wait_until = self._gate(pixel, now)
             if wait_until > now + GATE_SLACK_SECONDS:
-                outcomes.append(self._wait(Item(row, prepared), pixel, wait_until))
+                outcomes.append(self._wait(row, pixel, wait_until))
                 continue
-            batches[pixel].append(Item(row, prepared))
+            batches[pixel].append(row)
 
         sent = await asyncio.gather(*(self._deliver_pixel(pixel, items) for pixel, items in batches.items()))
         for pixel_outcomes in sent:
@@ -313,15 +302,15 @@ class Worker:
         runtime = self.runtime
         settings = runtime.config.settings
         pixel_config = runtime.config.pixel(pixel)
-        payload = build_payload(
+        body = build_payload(
             pixel_config.code,
-            [item.prepared.event for item in items],
+            [item["event_json"] for item in items],
             settings.tiktok.partner_name or None,
             pixel_config.test_event_code or None,
         )
         runtime.metrics.batch_size.observe(len(items))
         if settings.tiktok.dry_run:
-            log.info("dry run: batch not sent", pixel=pixel, events=len(items), payload=payload)
+            log.info("dry run: batch not sent", pixel=pixel, events=len(items), payload=json.loads(body))
             return [self._finished(item, DELIVERED_DRY_RUN, pixel) for item in items]
 
         pacer = self._pacer(pixel)
@@ -329,7 +318,7 @@ class Worker:
         pacer.sent(started)
         client = TikTokClient(self.session, settings.tiktok.endpoint, settings.tiktok.timeout)
         loop_started = time.monotonic()
-        answer = await client.send(pixel_config.access_token, payload)
+        answer = await client.send(pixel_config.access_token, body)
         runtime.metrics.latency.labels(pixel).observe(time.monotonic() - loop_started)
         runtime.metrics.attempts.labels(pixel, _code_label(answer)).inc()
         now = self.clock()
@@ -397,26 +386,26 @@ class Worker:
 
     def _finished(self, item: Item, state: str, pixel: str, answer: Answer | None = None) -> Outcome:
         return Outcome(
-            item.row["id"],
+            item["id"],
             state,
             count_attempt=state != DELIVERED_DRY_RUN,
             sent_pixel=pixel,
             code=answer.code if answer else None,
             error=answer.message if answer and state == FAILED else None,
             request_id=answer.request_id if answer else None,
-            match_keys=",".join(item.prepared.match_keys),
+            match_keys=item["match_keys"],
         )
 
     def _retry(self, item: Item, pixel: str, answer: Answer | None, at: float, *, count: bool) -> Outcome:
         return Outcome(
-            item.row["id"],
+            item["id"],
             PENDING,
             next_attempt_at=at,
             count_attempt=count,
             sent_pixel=pixel,
             code=answer.code if answer else None,
             error=answer.message if answer else None,
-            match_keys=",".join(item.prepared.match_keys),
+            match_keys=item["match_keys"],
         )
 
     def _wait(self, item: Item, pixel: str, until: float) -> Outcome:
@@ -424,11 +413,11 @@ class Worker:
         return self._retry(item, pixel, None, until, count=False)
 
     def _transient(self, item: Item, pixel: str, answer: Answer, now: float) -> Outcome:
-        due_at = self._probes.get(item.row["id"])
+        due_at = self._probes.get(item["id"])
         if due_at is not None:
             # Brought forward to see whether TikTok is back: its own try is still to come, as planned.
             return self._retry(item, pixel, answer, max(due_at, now), count=False)
-        attempts = item.row["attempts"] + 1
+        attempts = item["attempts"] + 1
         if attempts >= self.runtime.config.settings.delivery.max_attempts:
             outcome = self._finished(item, FAILED, pixel, answer)
             return dataclasses.replace(outcome, error=f"gave up after {attempts} attempts: {answer.message}")

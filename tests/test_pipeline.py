@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bridge.matching import sha256_hex
 from tests.conftest import MAIN_CODE, SECOND_CODE, Bridge
 
 KEITARO_SALE = {
@@ -215,6 +216,52 @@ async def test_click_enriches_the_conversion(bridge: Bridge) -> None:
         "user_agent": ua,
     }
     assert event["page"] == {"url": "https://lp.example/offer"}
+
+
+async def test_the_event_is_the_postback_merged_with_its_click_and_nothing_empty(bridge: Bridge) -> None:
+    await bridge.click(
+        click_id="full",
+        ttclid="E.C.P.click",
+        ttp="ttp-full",
+        url="https://lp.example/offer?sub=7",
+        email=" Alice@Example.com ",
+        phone="+1 213 373 4253",
+        headers={"User-Agent": "UA/1"},
+    )
+    # Empty parameters in the postback are missing values: the click's stand in for them.
+    _, body = await bridge.postback(
+        "keitaro", subid="full", status="sale", revenue="12,50", currency="eur", external_id="", ip=""
+    )
+    await bridge.deliver()
+
+    [received] = bridge.fake.received
+    event = {name: value for name, value in received.items() if not name.startswith("_")}  # the fake's notes
+    assert isinstance(event.pop("event_time"), int)
+    assert event == {
+        "event": "Purchase",
+        "event_id": "full_Purchase",
+        "user": {
+            "ttclid": "E.C.P.click",
+            "ttp": "ttp-full",
+            "ip": "127.0.0.1",
+            "user_agent": "UA/1",
+            "email": [sha256_hex("alice@example.com")],
+            "phone": [sha256_hex("+12133734253")],
+        },
+        "properties": {"value": 12.5, "currency": "EUR"},
+        "page": {"url": "https://lp.example/offer?sub=7"},
+    }
+    assert (await bridge.row(body["conversion_id"]))["match_keys"] == "ttclid,ttp,ip_ua,email,phone"
+
+
+async def test_an_event_without_a_click_carries_only_what_the_postback_had(bridge: Bridge) -> None:
+    _, body = await bridge.postback("keitaro", subid="bare", status="lead", ip="198.51.100.4")
+    await bridge.deliver()
+
+    # No click, no user agent: an ip alone is no match key, so nothing is sent and the row says so.
+    assert bridge.fake.received == []
+    row = await bridge.row(body["conversion_id"])
+    assert (row["state"], row["match_keys"]) == ("unmatched", "")
 
 
 async def test_postback_values_win_over_the_click(bridge: Bridge) -> None:
