@@ -419,7 +419,6 @@ def fill(db: Path, rows: int) -> None:
                 f"2024010100000{i:09d}",
                 old,
                 old,
-                i // 500 + 1,
             )
 
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
@@ -432,9 +431,9 @@ def fill(db: Path, rows: int) -> None:
         conn.executemany(
             "INSERT INTO conversions (tracker, click_id, status, event, transaction_id, event_id, "
             "event_time, value, currency, pixel, ttclid, ip, user_agent, state, attempts, sent_pixel, "
-            "request_id, match_keys, received_at, finished_at, ingest_batch) "
+            "request_id, match_keys, received_at, finished_at) "
             "VALUES ('keitaro', ?, 'sale', 'Purchase', '', ?, ?, 12.5, 'USD', 'main', ?, '203.0.113.7', "
-            "'Mozilla/5.0', 'delivered', 1, 'main', ?, 'ttclid,ip_ua', ?, ?, ?)",
+            "'Mozilla/5.0', 'delivered', 1, 'main', ?, 'ttclid,ip_ua', ?, ?)",
             conversion_rows(),
         )
         conn.execute("COMMIT")

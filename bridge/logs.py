@@ -9,6 +9,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -72,27 +73,6 @@ _PLAIN_NAMES: set[str] = set()
 _NESTED = (dict, list, tuple)
 
 
-def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for name, value in list(event_dict.items()):
-        if name not in _PLAIN_NAMES:
-            if _secret(name):
-                if _hidden(name, value):
-                    event_dict[name] = REDACTED
-                continue
-            if len(_PLAIN_NAMES) < 1024:
-                _PLAIN_NAMES.add(name)
-        if isinstance(value, _NESTED):
-            event_dict[name] = _scrub(value)
-    return event_dict
-
-
-def _drop_none(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    # Call sites pass every field a line can have; the ones that do not apply are left out, not null.
-    for name in [name for name, value in event_dict.items() if value is None]:
-        del event_dict[name]
-    return event_dict
-
-
 _ENCODERS: dict[Any, _json.JSONEncoder] = {}
 
 
@@ -104,6 +84,45 @@ def _dumps(obj: Any, *, default: Any = None, **options: Any) -> str:
     if encoder is None:
         encoder = _ENCODERS[default] = _json.JSONEncoder(default=default)
     return encoder.encode(obj)
+
+
+_LEVELS = {"warn": "warning", "exception": "error", "msg": "info", "log": "info", "err": "error"}
+_second: tuple[int, str] = (0, "")
+
+
+def _timestamp() -> str:
+    """`2026-11-25T01:39:09.499754Z`: the time in UTC to the microsecond, the second formatted once."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    second, text = _second
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int((now - whole) * 1_000_000):06d}Z"
+
+
+def _fields(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The line as written: secrets redacted at any depth, None left out, level and time added, a
+    traceback as text. One step, not a chain of processors: the bridge logs a line per postback."""
+    line: dict[str, Any] = {}
+    for name, value in event_dict.items():
+        if value is None:
+            continue  # call sites pass every field a line can have; those that do not apply are left out
+        if name not in _PLAIN_NAMES:
+            if _secret(name):
+                line[name] = REDACTED if _hidden(name, value) else value
+                continue
+            if len(_PLAIN_NAMES) < 1024:
+                _PLAIN_NAMES.add(name)
+        line[name] = _scrub(value) if isinstance(value, _NESTED) else value
+    line["level"] = _LEVELS.get(method_name, method_name)
+    line["timestamp"] = _timestamp()
+    if method_name == "exception":
+        line.setdefault("exc_info", True)
+    if "exc_info" in line:
+        structlog.processors.format_exc_info(logger, method_name, line)
+    return line
 
 
 class _Lines:
@@ -187,19 +206,8 @@ def configure(stream: TextIO | None = None, json: bool | None = None, level: int
         if json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
-    shared: list[Any] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
-        _drop_none,
-    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            *shared,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[_fields, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *args: lines,
         cache_logger_on_first_use=False,
@@ -208,12 +216,8 @@ def configure(stream: TextIO | None = None, json: bool | None = None, level: int
     handler = _Handler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                renderer,
-            ],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, _fields],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
     root = logging.getLogger()

@@ -61,7 +61,7 @@ MIGRATIONS: tuple[str, ...] = (
         match_keys TEXT,
         received_at REAL NOT NULL,
         finished_at REAL,
-        ingest_batch INTEGER
+        ingest_batch INTEGER  -- not written since schema version 2 (dropping a column rewrites the table)
     );
     -- Idempotency: a repeat of the same conversion is a duplicate, whatever the tracker resends.
     CREATE UNIQUE INDEX conversions_identity
@@ -81,6 +81,10 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT,
         updated_at REAL NOT NULL
     );
+    """,
+    # 2: the ingest group number is no longer kept; its index cost every insert a B-tree update.
+    """
+    DROP INDEX conversions_batch;
     """,
 )
 
@@ -179,7 +183,6 @@ _CONVERSION_ROW = (
     "next_attempt_at",
     "received_at",
     "finished_at",
-    "ingest_batch",
 )
 _CONVERSION_INSERT = f"""
 INSERT INTO conversions ({", ".join(_CONVERSION_ROW)}) VALUES ({", ".join("?" * len(_CONVERSION_ROW))})
@@ -213,7 +216,6 @@ class Store:
         self._write_lock = _WriteTurn(
             self.path.with_name(self.path.name + ".writers") if shared else None, busy_timeout
         )
-        self._batch = 0
         self._closing = False
         self.committed = asyncio.Event()  # set after every ingest commit that added pending events
 
@@ -237,7 +239,6 @@ class Store:
                     " which the delivery worker needs (SQLite 3.38 and newer always have them)"
                 ) from None
             await self._migrate()
-            self._batch = await self._scalar("SELECT COALESCE(MAX(ingest_batch), 0) FROM conversions")
             ingest = await asyncio.to_thread(self._connect)
             self._write_lock.open()
         except (OSError, sqlite3.Error, StoreUnavailable) as exc:
@@ -267,11 +268,6 @@ class Store:
         for pragma in self._pragmas():
             conn.execute(pragma)
         return conn
-
-    def next_batch(self) -> int:
-        """The number that marks one ingest group's rows (only the ingest writer's thread asks)."""
-        self._batch += 1
-        return self._batch
 
     async def close(self) -> None:
         self._closing = True
@@ -418,9 +414,17 @@ class Store:
         """Lease up to `limit` due events, each merged with its click into the event to send (rows of
         bridge.enrich.events_sql, by id); a lease that runs out (crash) makes them due again."""
         params = {"lease": now + lease, "now": now, "limit": limit}
+        write_lock = self._write_lock
+
+        def claim(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            with write_lock:
+                ids = _in_transaction(db, _lease, params)
+            # Building the events is a read: ingest commits need not wait for it.
+            return _claimed_events(db, ids)
+
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
-            return await self._write_on_db_thread(_in_transaction, _claim, params)
+            return await self._on_db_thread(claim)
 
     async def apply(self, outcomes: Sequence[Outcome], now: float) -> None:
         """Record the worker's outcomes for one cycle in one transaction.
@@ -676,7 +680,7 @@ class _IngestWriter:
         result: dict[int, Ingested] | Exception
         try:
             with self._write_lock:
-                result = _write_group(self._conn, clicks, conversions, self._store.next_batch(), time.time())
+                result = _write_group(self._conn, clicks, conversions, time.time())
         except Exception as exc:  # the writer must survive anything: every waiter gets its answer
             result = exc
         self._reply(work, result)
@@ -687,7 +691,7 @@ class _IngestWriter:
 
 
 def _write_group(
-    db: sqlite3.Connection, clicks: list[Click], conversions: list[Conversion], batch: int, now: float
+    db: sqlite3.Connection, clicks: list[Click], conversions: list[Conversion], now: float
 ) -> dict[int, Ingested]:
     """One group in one transaction, on the ingest writer's thread; the results by id() of each conversion."""
     db.execute("BEGIN IMMEDIATE")
@@ -695,7 +699,7 @@ def _write_group(
         if clicks:
             rows = [(c.click_id, *[getattr(c, f) for f in CLICK_FIELDS], now, now) for c in clicks]
             db.executemany(_CLICKS_UPSERT, rows)
-        results = _insert_conversions(db, conversions, batch, now) if conversions else {}
+        results = _insert_conversions(db, conversions, now) if conversions else {}
         db.execute("COMMIT")
     except BaseException:
         # A failed ROLLBACK (disk gone) must not hide the first error or kill the writer.
@@ -707,7 +711,7 @@ def _write_group(
 
 
 def _insert_conversions(
-    db: sqlite3.Connection, conversions: list[Conversion], batch: int, now: float
+    db: sqlite3.Connection, conversions: list[Conversion], now: float
 ) -> dict[int, Ingested]:
     """Decide, in arrival order, what each conversion is, and insert the new ones.
 
@@ -752,7 +756,7 @@ def _insert_conversions(
             same.append((tid, next_id, event_id))
             state, result = PENDING, Ingested("accepted", next_id, event_id)
         results[id(conv)] = result
-        rows.append(_conversion_row(conv, next_id, event_id, state, batch, now))
+        rows.append(_conversion_row(conv, next_id, event_id, state, now))
         next_id += 1
     if rows:
         db.executemany(_CONVERSION_INSERT, rows)
@@ -785,8 +789,11 @@ _CLAIMED_EVENTS = events_sql(
 )
 
 
-def _claim(db: sqlite3.Connection, params: dict[str, Any]) -> list[sqlite3.Row]:
-    ids = [row[0] for row in db.execute(_CLAIM, params)]
+def _lease(db: sqlite3.Connection, params: dict[str, Any]) -> list[int]:
+    return [row[0] for row in db.execute(_CLAIM, params)]
+
+
+def _claimed_events(db: sqlite3.Connection, ids: list[int]) -> list[sqlite3.Row]:
     if not ids:
         return []
     cursor = db.execute(_CLAIMED_EVENTS, (json.dumps(ids),))
@@ -815,7 +822,7 @@ def _apply(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
 
 
 def _conversion_row(
-    conv: Conversion, id_: int, event_id: str | None, state: str, batch: int, now: float
+    conv: Conversion, id_: int, event_id: str | None, state: str, now: float
 ) -> tuple[Any, ...]:
     pending = state == PENDING
     return (
@@ -827,5 +834,4 @@ def _conversion_row(
         now if pending else None,
         now,
         None if pending else now,
-        batch,
     )

@@ -1,0 +1,46 @@
+"""Schema upgrades: a database an earlier release wrote opens, is upgraded, and keeps every event."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+
+from bridge.store import MIGRATIONS
+from tests.conftest import BridgeFactory
+
+INDEXES = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'conversions'"
+
+
+def first_release_database(path: Path) -> None:
+    """Schema version 1, as the first release left it, with one event still waiting to be sent."""
+    path.parent.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.executescript(MIGRATIONS[0])
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (1)")
+        db.execute(
+            "INSERT INTO conversions (tracker, click_id, status, event, event_id, event_time, currency,"
+            " ttclid, state, next_attempt_at, received_at, ingest_batch)"
+            " VALUES ('keitaro', 'old1', 'sale', 'Purchase', 'old1_Purchase', ?, 'USD',"
+            " 'E.C.P.old', 'pending', 0, ?, 7)",
+            (int(time.time()), time.time()),
+        )
+
+
+async def test_a_first_release_database_is_upgraded_and_its_waiting_event_delivered(
+    tmp_path: Path, make_bridge: BridgeFactory
+) -> None:
+    first_release_database(tmp_path / "bridge0" / "bridge.db")
+    bridge = await make_bridge()
+
+    assert [row[0] for row in await bridge.store.fetchall("SELECT MAX(version) FROM schema_version")] == [
+        len(MIGRATIONS)
+    ]
+    assert "conversions_batch" not in {row["name"] for row in await bridge.store.fetchall(INDEXES)}
+    await bridge.deliver()
+    assert bridge.fake.event_ids() == ["old1_Purchase"]
+    # New conversions take the ids after the old ones.
+    _, body = await bridge.postback("keitaro", subid="new1", status="sale", external_id="E.C.P.new")
+    assert body["conversion_id"] == 2
