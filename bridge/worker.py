@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import sqlite3
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ STOP_GRACE_SECONDS = 5.0
 # A pacing or hold deadline this close is treated as reached (the clock moves while a cycle runs).
 GATE_SLACK_SECONDS = 0.05
 # A claimed event: a row of bridge.enrich.events_sql (its JSON text, match keys, pixel candidates).
-Item = Any
+Item = sqlite3.Row
 
 # This many transient answers in a row, without a success between, mean TikTok (or the way to it)
 # was down rather than one batch being unlucky: the first success then sends everything waiting.
