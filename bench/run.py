@@ -656,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--listeners",
         type=int,
-        default=min(os.cpu_count() or 1, 16),
-        help="the daemon's server.listeners (default: the number of CPUs)",
+        default=1,
+        help="the daemon's server.listeners (default 1, as the daemon's)",
     )
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
