@@ -32,7 +32,7 @@ _FROM_CLICK = {
 # The conversion's own columns the event needs, besides those.
 _OWN = ("id", "tracker", "click_id", "event", "event_id", "event_time", "value", "currency", "pixel")
 CONVERSION_COLUMNS = (*_OWN, "attempts", *_FROM_CLICK)
-CLICK_COLUMNS = ("click_id", "pixel", *dict.fromkeys(_FROM_CLICK.values()))
+CLICK_COLUMNS = ("click_id", "pixel", *_FROM_CLICK.values())
 
 _MERGED = ",\n        ".join(
     f"CAST(COALESCE(NULLIF(c.{own}, ''), NULLIF(k.{theirs}, '')) AS TEXT) AS {own}"

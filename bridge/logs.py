@@ -86,7 +86,6 @@ def _dumps(obj: Any, *, default: Any = None, **options: Any) -> str:
     return encoder.encode(obj)
 
 
-_LEVELS = {"warn": "warning", "exception": "error", "msg": "info", "log": "info", "err": "error"}
 _second: tuple[int, str] = (0, "")
 
 
@@ -116,10 +115,8 @@ def _fields(logger: Any, method_name: str, event_dict: MutableMapping[str, Any])
             if len(_PLAIN_NAMES) < 1024:
                 _PLAIN_NAMES.add(name)
         line[name] = _scrub(value) if isinstance(value, _NESTED) else value
-    line["level"] = _LEVELS.get(method_name, method_name)
+    structlog.processors.add_log_level(logger, method_name, line)
     line["timestamp"] = _timestamp()
-    if method_name == "exception":
-        line.setdefault("exc_info", True)
     if "exc_info" in line:
         structlog.processors.format_exc_info(logger, method_name, line)
     return line

@@ -449,7 +449,7 @@ class Store:
                 finished_at,
             )
             groups.setdefault(key, []).append(o.id)
-        # In the order of the outcomes' first appearance: two outcomes for one id apply in order.
+        # The worker gives each claimed event one outcome per cycle, so the groups' order does not matter.
         rows = [(json.dumps(ids), *key) for key, ids in groups.items()]
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
