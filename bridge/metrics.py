@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -109,6 +110,16 @@ class Metrics:
         )
         self.gauges = Gauges()
         r.register(self.gauges)
+        self._children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
+
+    def inc(self, counter: Counter, *labels: str) -> None:
+        """`counter.labels(*labels).inc()`, with the labelled series looked up once, not per request
+        (`labels()` validates, converts and locks on every call)."""
+        key = (counter, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc()
 
     def render(self) -> bytes:
         if self.shared_dir:

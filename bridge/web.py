@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -190,12 +191,12 @@ async def postback(request: web.Request) -> web.Response:
     tracker = config.trackers.get(name)
     if tracker is None:
         # Tracker names come from the URL: counted under one label, never as a label of their own.
-        metrics.postbacks.labels("(unknown)", "unknown_tracker").inc()
+        metrics.inc(metrics.postbacks, "(unknown)", "unknown_tracker")
         log.warning("postback refused", tracker=name[:64], why="unknown tracker (no such tracker file)")
         return _json(404, {"error": "unknown tracker"})
     source = client_ip(request, config.settings.server.trusted_proxies)
     if tracker.allow_ips and not _ip_in(source, tracker.allow_ips):
-        metrics.postbacks.labels(name, "forbidden").inc()
+        metrics.inc(metrics.postbacks, name, "forbidden")
         log.warning("postback refused", tracker=name, source=source, why="source address not in allow_ips")
         return _json(403, {"error": "source address not allowed"})
     unreadable: BadParameter | None = None
@@ -207,11 +208,11 @@ async def postback(request: web.Request) -> web.Response:
     # a request that cannot be read whole, the key is taken from the query if it is there.
     given = request.query.get("key") if unreadable is not None else params.get("key")
     if not _key_ok(tracker, given):
-        metrics.postbacks.labels(name, "forbidden").inc()
+        metrics.inc(metrics.postbacks, name, "forbidden")
         log.warning("postback refused", tracker=name, source=source, why="wrong or missing key")
         return _json(403, {"error": "wrong or missing key"})
     if unreadable is not None:
-        metrics.postbacks.labels(name, "rejected").inc()
+        metrics.inc(metrics.postbacks, name, "rejected")
         log.info("postback rejected", tracker=name, why=str(unreadable))
         return _json(400, {"error": str(unreadable)})
     try:
@@ -222,18 +223,18 @@ async def postback(request: web.Request) -> web.Response:
         if conversion.pixel is not None and config.pixel_name(conversion.pixel) is None:
             raise BadParameter("pixel", "not a configured pixel name or code")
     except BadParameter as exc:
-        metrics.postbacks.labels(name, "rejected").inc()
+        metrics.inc(metrics.postbacks, name, "rejected")
         log.info("postback rejected", tracker=name, why=str(exc))
         return _json(400, {"error": str(exc)})
     try:
         ingested = await runtime.store.add_conversion(conversion)
     except StoreUnavailable as exc:
-        metrics.postbacks.labels(name, "unavailable").inc()
+        metrics.inc(metrics.postbacks, name, "unavailable")
         log.error("postback not stored", tracker=name, click_id=conversion.click_id, why=str(exc))
         return _json(503, {"error": "temporarily unavailable, retry later"})
     for field_name in conversion.dropped:
-        metrics.dropped_identifiers.labels(field_name).inc()
-    metrics.postbacks.labels(name, ingested.result).inc()
+        metrics.inc(metrics.dropped_identifiers, field_name)
+    metrics.inc(metrics.postbacks, name, ingested.result)
     log.info(
         "postback",
         tracker=name,
@@ -304,7 +305,7 @@ async def click(request: web.Request) -> web.Response:
     metrics = runtime.metrics
     ip = client_ip(request, settings.server.trusted_proxies)
     if not request.app[CLICK_LIMITER].allow(ip or "", settings.server.click_limit_per_minute, time.time()):
-        metrics.clicks.labels("rate_limited").inc()
+        metrics.inc(metrics.clicks, "rate_limited")
         return web.Response(
             status=429,
             text="too many click registrations\n",
@@ -321,17 +322,17 @@ async def click(request: web.Request) -> web.Response:
                 registration, pixel=None, dropped=(*registration.dropped, "pixel")
             )
     except BadParameter as exc:
-        metrics.clicks.labels("rejected").inc()
+        metrics.inc(metrics.clicks, "rejected")
         return _json(400, {"error": str(exc)}, CORS_HEADERS)
     try:
         await runtime.store.add_click(registration)
     except StoreUnavailable as exc:
-        metrics.clicks.labels("unavailable").inc()
+        metrics.inc(metrics.clicks, "unavailable")
         log.error("click not stored", why=str(exc))
         return web.Response(status=503, text="temporarily unavailable\n", headers=CORS_HEADERS)
     for field_name in registration.dropped:
-        metrics.dropped_identifiers.labels(field_name).inc()
-    metrics.clicks.labels("registered").inc()
+        metrics.inc(metrics.dropped_identifiers, field_name)
+    metrics.inc(metrics.clicks, "registered")
     return web.Response(status=204, headers=CORS_HEADERS)
 
 
@@ -403,19 +404,30 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=runtime.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """No input may produce a traceback or a 5xx other than 503: answer 400/413 for what the client sent."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status == 413:
-            return _json(413, {"error": f"request body larger than {MAX_BODY} bytes"})
-        raise
-    except BadParameter as exc:
-        return _json(400, {"error": str(exc)})
-    except StoreUnavailable:
-        return _json(503, {"error": "temporarily unavailable, retry later"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """No input may produce a traceback or a 5xx other than 503: answer 400/413 for what the client sent.
+
+    A wrapper around each handler rather than an aiohttp middleware, which costs every request a
+    few microseconds more in aiohttp's own machinery.
+    """
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return _json(413, {"error": f"request body larger than {MAX_BODY} bytes"})
+            raise
+        except BadParameter as exc:
+            return _json(400, {"error": str(exc)})
+        except StoreUnavailable:
+            return _json(503, {"error": "temporarily unavailable, retry later"})
+
+    return guarded
 
 
 class _MalformedRequests(logging.Filter):
@@ -442,16 +454,20 @@ _MALFORMED_REQUESTS = _MalformedRequests()
 
 def create_app(runtime: Runtime) -> web.Application:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)  # once: addFilter skips repeats
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=MAX_BODY)
     app[RUNTIME] = runtime
     app[CLICK_LIMITER] = ClickLimiter()
-    app.router.add_route("GET", "/postback/{tracker}", postback)
-    app.router.add_route("POST", "/postback/{tracker}", postback)
-    app.router.add_route("GET", "/click", click)
-    app.router.add_route("POST", "/click", click)
-    app.router.add_route("OPTIONS", "/click", click_preflight)
-    app.router.add_route("GET", "/bridge.js", snippet)
-    app.router.add_route("GET", "/healthz", healthz)
-    app.router.add_route("GET", "/readyz", readyz)
-    app.router.add_route("GET", "/metrics", metrics_view)
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/postback/{tracker}", postback),
+        ("POST", "/postback/{tracker}", postback),
+        ("GET", "/click", click),
+        ("POST", "/click", click),
+        ("OPTIONS", "/click", click_preflight),
+        ("GET", "/bridge.js", snippet),
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+        ("GET", "/metrics", metrics_view),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, _guarded(handler))
     return app
