@@ -320,18 +320,8 @@ class Store:
         if self._db is None or self._closing:
             return "database is closed"
         try:
-            async with self._lock:
-                db = self.db
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    # A real write, committed: taking the lock alone would pass on a full disk.
-                    await db.execute("UPDATE schema_version SET version = version")
-                    await db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        if db.in_transaction:
-                            await db.execute("ROLLBACK")
-                    raise
+            # A real write, committed: taking the lock alone would pass on a full disk.
+            await self._write(_execute, "UPDATE schema_version SET version = version")
         except sqlite3.Error as exc:
             return f"database is not writable: {exc}"
         return None
@@ -398,17 +388,23 @@ class Store:
 
     # -- delivery queue ---------------------------------------------------------------------------------
 
+    async def _write(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(connection, *args)` in one transaction, in the write turn: a write other than ingest and
+        the worker's cycle (maintenance, the CLI's). In the turn, ingest groups wait for it on a lock
+        that wakes them the moment it is done, not in SQLite's busy handler, which polls with sleeps
+        of milliseconds."""
+        async with self._lock:
+            return await self._write_on_db_thread(_in_transaction, fn, *args)
+
     async def release_leases(self, ids: Iterable[int] | None = None) -> None:
         """Make claimed events due again: at start-up (a crash left leases behind) or on shutdown."""
-        async with self._lock:
-            if ids is None:
-                await self.db.execute(
-                    "UPDATE conversions SET lease_until = NULL WHERE lease_until IS NOT NULL"
-                )
-            else:
-                await self.db.executemany(
-                    "UPDATE conversions SET lease_until = NULL WHERE id = ?", [(i,) for i in ids]
-                )
+        if ids is None:
+            await self._write(
+                _execute, "UPDATE conversions SET lease_until = NULL WHERE lease_until IS NOT NULL"
+            )
+        else:
+            rows = [(i,) for i in ids]
+            await self._write(_execute_many, "UPDATE conversions SET lease_until = NULL WHERE id = ?", rows)
 
     async def claim_due(self, now: float, limit: int, lease: float) -> list[sqlite3.Row]:
         """Lease up to `limit` due events, each merged with its click into the event to send (rows of
@@ -458,56 +454,56 @@ class Store:
     async def set_pixel_status(
         self, pixel: str, healthy: bool, code: int | None, error: str | None, now: float
     ) -> None:
-        async with self._lock:
-            await self.db.execute(
-                "INSERT INTO pixel_status (pixel, healthy, last_code, last_error, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pixel) DO UPDATE SET healthy = excluded.healthy, "
-                "last_code = COALESCE(excluded.last_code, last_code), "
-                "last_error = COALESCE(excluded.last_error, last_error), updated_at = excluded.updated_at",
-                (pixel, int(healthy), code, error, now),
-            )
+        await self._write(
+            _execute,
+            "INSERT INTO pixel_status (pixel, healthy, last_code, last_error, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pixel) DO UPDATE SET healthy = excluded.healthy, "
+            "last_code = COALESCE(excluded.last_code, last_code), "
+            "last_error = COALESCE(excluded.last_error, last_error), updated_at = excluded.updated_at",
+            (pixel, int(healthy), code, error, now),
+        )
 
     async def next_due_at(self) -> float | None:
         return await self._scalar("SELECT MIN(next_attempt_at) FROM conversions WHERE state = 'pending'")
 
     async def make_due(self, now: float, pixels: Iterable[str] | None = None) -> int:
         """Bring waiting events forward to now (after a reload fixed a pixel's token)."""
-        async with self._lock:
-            if pixels is None:
-                cursor = await self.db.execute(
-                    "UPDATE conversions SET next_attempt_at = ? "
-                    "WHERE state = 'pending' AND next_attempt_at > ?",
-                    (now, now),
-                )
-            else:
-                names = sorted(set(pixels))
-                marks = ",".join("?" * len(names))
-                cursor = await self.db.execute(
-                    f"UPDATE conversions SET next_attempt_at = ? WHERE state = 'pending' "  # noqa: S608
-                    f"AND next_attempt_at > ? AND sent_pixel IN ({marks})",
-                    (now, now, *names),
-                )
-            return cursor.rowcount
+        if pixels is None:
+            return await self._write(
+                _execute,
+                "UPDATE conversions SET next_attempt_at = ? WHERE state = 'pending' AND next_attempt_at > ?",
+                (now, now),
+            )
+        names = sorted(set(pixels))
+        marks = ",".join("?" * len(names))
+        return await self._write(
+            _execute,
+            f"UPDATE conversions SET next_attempt_at = ? WHERE state = 'pending' "  # noqa: S608
+            f"AND next_attempt_at > ? AND sent_pixel IN ({marks})",
+            (now, now, *names),
+        )
 
     async def bring_forward(self, now: float, pixel: str) -> tuple[int, float] | None:
         """Make the pixel's next waiting event due now (an outage probe).
 
         Returns its id and when it was due before, or None when none of the pixel's events waits.
         """
-        async with self._lock:
-            async with self.db.execute(
+
+        def probe(db: sqlite3.Connection) -> tuple[int, float] | None:
+            row = db.execute(
                 "SELECT id, next_attempt_at FROM conversions WHERE state = 'pending' AND sent_pixel = ? "
                 "AND next_attempt_at > ? AND (lease_until IS NULL OR lease_until <= ?) "
                 "ORDER BY next_attempt_at LIMIT 1",
                 (pixel, now, now),
-            ) as cursor:
-                row = await cursor.fetchone()
+            ).fetchone()
             if row is None:
                 return None
-            await self.db.execute(
+            db.execute(
                 "UPDATE conversions SET next_attempt_at = ? WHERE id = ? AND state = 'pending'", (now, row[0])
             )
-        return row[0], row[1]
+            return row[0], row[1]
+
+        return await self._write(probe)
 
     # -- inspection and maintenance ---------------------------------------------------------------------
 
@@ -536,10 +532,9 @@ class Store:
         ):
             total = 0
             while True:
-                async with self._lock:
-                    cursor = await self.db.execute(sql, (cutoff, PRUNE_SLICE))
-                total += cursor.rowcount
-                if cursor.rowcount < PRUNE_SLICE:
+                deleted = await self._write(_execute, sql, (cutoff, PRUNE_SLICE))
+                total += deleted
+                if deleted < PRUNE_SLICE:
                     break
                 await asyncio.sleep(0)  # let waiting commits through between slices
             totals.append(total)
@@ -551,15 +546,9 @@ class Store:
             "UPDATE conversions SET state = 'pending', attempts = 0, next_attempt_at = ?, "
             "lease_until = NULL, finished_at = NULL WHERE state = 'failed'"
         )
-        async with self._lock:
-            if ids is None:
-                cursor = await self.db.execute(sql, (now,))
-                return cursor.rowcount
-            total = 0
-            for conversion_id in ids:
-                cursor = await self.db.execute(sql + " AND id = ?", (now, conversion_id))
-                total += cursor.rowcount
-            return total
+        if ids is None:
+            return await self._write(_execute, sql, (now,))
+        return await self._write(_execute_many, sql + " AND id = ?", [(now, i) for i in ids])
 
 
 class _WriteTurn:
@@ -770,10 +759,19 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[..., _T], *args: Any) -
         result = fn(db, *args)
         db.execute("COMMIT")
     except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):  # a failed ROLLBACK (disk gone) must not hide the cause
+            if db.in_transaction:
+                db.execute("ROLLBACK")
         raise
     return result
+
+
+def _execute(db: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> int:
+    return db.execute(sql, params).rowcount
+
+
+def _execute_many(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+    return db.executemany(sql, rows).rowcount
 
 
 _CLAIM = """

@@ -1,0 +1,112 @@
+"""Every write of the store takes turns with ingest: none writes while an ingest group holds the turn.
+
+An ingest group holds the write turn while it commits. A write that skipped the turn would go straight
+to SQLite, and the next ingest group would wait for it in SQLite's busy handler, which sleeps in steps
+of milliseconds: postbacks answered late while /readyz probed the disk or an hourly prune ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.store import Store
+
+OLD = time.time() - 400 * 86400
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await Store(tmp_path / "bridge.db").open()
+    with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+        db.execute(
+            "INSERT INTO clicks (click_id, created_at, updated_at) VALUES ('old-click', ?, ?)", (OLD, OLD)
+        )
+        for id_, state, next_attempt, finished in (
+            (1, "pending", time.time() + 3600, None),
+            (2, "failed", None, OLD),
+        ):
+            db.execute(
+                "INSERT INTO conversions (id, tracker, click_id, status, event, event_id, event_time, state,"
+                " next_attempt_at, sent_pixel, received_at, finished_at)"
+                " VALUES (?, 'keitaro', ?, 'sale', 'Purchase', ?, ?, ?, ?, 'main', ?, ?)",
+                (id_, f"c{id_}", f"c{id_}_Purchase", int(OLD), state, next_attempt, OLD, finished),
+            )
+    yield store
+    await store.close()
+
+
+@contextlib.contextmanager
+def turn_held(store: Store) -> Iterator[None]:
+    """Hold the store's write turn from another thread, as the ingest writer does during a commit."""
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store._write_lock:
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    taken.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
+
+
+def row(store: Store, sql: str) -> tuple[object, ...] | None:
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        return db.execute(sql).fetchone()
+
+
+WRITES: dict[str, tuple[Callable[[Store], Awaitable[object]], str]] = {
+    "make_due": (
+        lambda s: s.make_due(time.time()),
+        "SELECT next_attempt_at < strftime('%s', 'now') + 60 FROM conversions WHERE id = 1",
+    ),
+    "requeue_failed": (
+        lambda s: s.requeue_failed(None, time.time()),
+        "SELECT state = 'pending' FROM conversions WHERE id = 2",
+    ),
+    "prune": (
+        lambda s: s.prune(time.time(), 30 * 86400, 30 * 86400),
+        "SELECT COUNT(*) = 0 FROM clicks",
+    ),
+    "set_pixel_status": (
+        lambda s: s.set_pixel_status("main", False, 40001, "token", time.time()),
+        "SELECT COUNT(*) = 1 FROM pixel_status",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES))
+async def test_a_maintenance_write_waits_for_the_ingest_groups_turn(store: Store, name: str) -> None:
+    write, written = WRITES[name]
+    with turn_held(store):
+        task = asyncio.create_task(write(store))
+        await asyncio.sleep(0.3)
+        waited = not task.done()
+        unchanged = row(store, written) == (0,)
+    await asyncio.wait_for(task, 10)
+
+    assert waited and unchanged, f"{name} wrote while an ingest group held the turn"
+    assert row(store, written) == (1,)
+
+
+async def test_the_readiness_probe_waits_for_the_turn_and_then_reports_writable(store: Store) -> None:
+    with turn_held(store):
+        probe = asyncio.create_task(store.writable())
+        await asyncio.sleep(0.3)
+        waited = not probe.done()
+
+    assert waited
+    assert await asyncio.wait_for(probe, 10) is None
