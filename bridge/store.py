@@ -11,7 +11,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -376,12 +376,13 @@ class Store:
         db = self.db
         return await db._execute(lambda: fn(db._conn, *args))
 
-    async def _write_on_db_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """As _on_db_thread, for a write transaction: it and the ingest writer's take turns."""
+    async def _write_on_db_thread(self, fn: Callable[..., _T], *args: Any, limited: bool = False) -> _T:
+        """As _on_db_thread, for a write transaction: it and the ingest writer's take turns. `limited`:
+        give up after the busy timeout (see _WriteTurn.limited)."""
         lock = self._write_lock
 
         def locked(conn: sqlite3.Connection) -> _T:
-            with lock:
+            with lock.limited() if limited else lock:
                 return fn(conn, *args)
 
         return await self._on_db_thread(locked)
@@ -390,11 +391,12 @@ class Store:
 
     async def _write(self, fn: Callable[..., _T], *args: Any) -> _T:
         """`fn(connection, *args)` in one transaction, in the write turn: a write other than ingest and
-        the worker's cycle (maintenance, the CLI's). In the turn, ingest groups wait for it on a lock
-        that wakes them the moment it is done, not in SQLite's busy handler, which polls with sleeps
-        of milliseconds."""
+        the worker's cycle (maintenance, `failed retry`, the /readyz probe). In the turn, ingest groups
+        wait for it on a lock that wakes them the moment it is done, not in SQLite's busy handler, which
+        polls with sleeps of milliseconds. (The CLI's own store has no listener processes' flock: its
+        writes meet the daemon's in SQLite's busy handler, as before.)"""
         async with self._lock:
-            return await self._write_on_db_thread(_in_transaction, fn, *args)
+            return await self._write_on_db_thread(_in_transaction, fn, *args, limited=True)
 
     async def release_leases(self, ids: Iterable[int] | None = None) -> None:
         """Make claimed events due again: at start-up (a crash left leases behind) or on shutdown."""
@@ -579,7 +581,7 @@ class _WriteTurn:
 
     def __enter__(self) -> None:
         if not self._thread_lock.acquire(timeout=self._timeout):
-            raise sqlite3.OperationalError("database is locked (another writer of this process)")
+            raise sqlite3.OperationalError(self._not_free())
         if self._fd is None:
             return
         try:
@@ -597,6 +599,41 @@ class _WriteTurn:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
+
+    @contextlib.contextmanager
+    def limited(self) -> Iterator[None]:
+        """The turn, for a write that is neither ingest nor delivery (maintenance, the /readyz probe):
+        given up with "database is locked" after the busy timeout, as SQLite would, rather than waiting
+        for a stalled process without end. The flock is polled: such writes are rare, and the fairness
+        that made ingest block does not matter for them."""
+        deadline = time.monotonic() + self._timeout
+        if not self._thread_lock.acquire(timeout=self._timeout):
+            raise sqlite3.OperationalError(self._not_free())
+        try:
+            if self._fd is not None:
+                pause = 0.001
+                while True:
+                    try:
+                        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise sqlite3.OperationalError(
+                                f"database is locked: another bridge process held the write turn for"
+                                f" {self._timeout:g} s"
+                            ) from None
+                        time.sleep(pause)
+                        pause = min(pause * 2, 0.02)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        try:
+            yield
+        finally:
+            self.__exit__()
+
+    def _not_free(self) -> str:
+        return f"database is locked: the write turn was not free for {self._timeout:g} s"
 
 
 class _IngestWriter:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -29,15 +31,16 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         db.execute(
             "INSERT INTO clicks (click_id, created_at, updated_at) VALUES ('old-click', ?, ?)", (OLD, OLD)
         )
-        for id_, state, next_attempt, finished in (
-            (1, "pending", time.time() + 3600, None),
-            (2, "failed", None, OLD),
+        # 1 waits an hour (a held pixel's event, say) under a lease a crash left; 2 is a dead letter.
+        for id_, state, next_attempt, lease, finished in (
+            (1, "pending", time.time() + 3600, time.time() + 600, None),
+            (2, "failed", None, None, OLD),
         ):
             db.execute(
                 "INSERT INTO conversions (id, tracker, click_id, status, event, event_id, event_time, state,"
-                " next_attempt_at, sent_pixel, received_at, finished_at)"
-                " VALUES (?, 'keitaro', ?, 'sale', 'Purchase', ?, ?, ?, ?, 'main', ?, ?)",
-                (id_, f"c{id_}", f"c{id_}_Purchase", int(OLD), state, next_attempt, OLD, finished),
+                " next_attempt_at, lease_until, sent_pixel, received_at, finished_at)"
+                " VALUES (?, 'keitaro', ?, 'sale', 'Purchase', ?, ?, ?, ?, ?, 'main', ?, ?)",
+                (id_, f"c{id_}", f"c{id_}_Purchase", int(OLD), state, next_attempt, lease, OLD, finished),
             )
     yield store
     await store.close()
@@ -55,7 +58,7 @@ def turn_held(store: Store) -> Iterator[None]:
 
     holder = threading.Thread(target=hold)
     holder.start()
-    taken.wait(10)
+    assert taken.wait(10), "the write turn was never free"
     try:
         yield
     finally:
@@ -68,19 +71,23 @@ def row(store: Store, sql: str) -> tuple[object, ...] | None:
         return db.execute(sql).fetchone()
 
 
+DUE_NOW = "SELECT next_attempt_at < strftime('%s', 'now') + 60 FROM conversions WHERE id = 1"
+REQUEUED = "SELECT state = 'pending' FROM conversions WHERE id = 2"
+RELEASED = "SELECT lease_until IS NULL FROM conversions WHERE id = 1"
+
 WRITES: dict[str, tuple[Callable[[Store], Awaitable[object]], str]] = {
-    "make_due": (
-        lambda s: s.make_due(time.time()),
-        "SELECT next_attempt_at < strftime('%s', 'now') + 60 FROM conversions WHERE id = 1",
+    "make_due": (lambda s: s.make_due(time.time()), DUE_NOW),
+    "make_due of a pixel": (lambda s: s.make_due(time.time(), ["main"]), DUE_NOW),
+    # An outage probe at a time past the crash's lease: the event waiting an hour becomes due then.
+    "bring_forward": (
+        lambda s: s.bring_forward(time.time() + 700, "main"),
+        "SELECT next_attempt_at < strftime('%s', 'now') + 1000 FROM conversions WHERE id = 1",
     ),
-    "requeue_failed": (
-        lambda s: s.requeue_failed(None, time.time()),
-        "SELECT state = 'pending' FROM conversions WHERE id = 2",
-    ),
-    "prune": (
-        lambda s: s.prune(time.time(), 30 * 86400, 30 * 86400),
-        "SELECT COUNT(*) = 0 FROM clicks",
-    ),
+    "release_leases": (lambda s: s.release_leases(), RELEASED),
+    "release_leases of ids": (lambda s: s.release_leases([1]), RELEASED),
+    "requeue_failed": (lambda s: s.requeue_failed(None, time.time()), REQUEUED),
+    "requeue_failed of ids": (lambda s: s.requeue_failed([2], time.time()), REQUEUED),
+    "prune": (lambda s: s.prune(time.time(), 30 * 86400, 30 * 86400), "SELECT COUNT(*) = 0 FROM clicks"),
     "set_pixel_status": (
         lambda s: s.set_pixel_status("main", False, 40001, "token", time.time()),
         "SELECT COUNT(*) = 1 FROM pixel_status",
@@ -110,3 +117,24 @@ async def test_the_readiness_probe_waits_for_the_turn_and_then_reports_writable(
 
     assert waited
     assert await asyncio.wait_for(probe, 10) is None
+
+
+async def test_a_stalled_listener_process_makes_the_readiness_probe_fail_not_hang(tmp_path: Path) -> None:
+    """With listener processes the turn is also an flock; one stopped while it holds it must not
+    leave /readyz (and the maintenance writes) waiting without end: after the busy timeout they fail,
+    as SQLite's own busy handler would."""
+    store = await Store(tmp_path / "bridge.db", busy_timeout=0.5, shared=True).open()
+    other_process = os.open(tmp_path / "bridge.db.writers", os.O_RDWR)
+    try:
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        blocked = await asyncio.wait_for(store.writable(), 10)
+        with pytest.raises(sqlite3.OperationalError, match="another bridge process"):
+            await asyncio.wait_for(store.make_due(time.time()), 10)
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+        free = await asyncio.wait_for(store.writable(), 10)
+    finally:
+        os.close(other_process)
+        await store.close()
+
+    assert blocked is not None and "another bridge process held the write turn" in blocked
+    assert free is None
