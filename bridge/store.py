@@ -559,9 +559,10 @@ class _WriteTurn:
 
     SQLite serialises writers on its own, and stays what keeps the data right; but a writer that finds
     the database locked polls with sleeps of one, two, five milliseconds and more, while these wake the
-    next writer the moment the last one is done. The flock has no time limit: a bridge process stalled
-    while it holds the turn (stopped with SIGSTOP, say) holds up the others' writes until it goes on or
-    goes away, where SQLite alone would answer 503 after busy_timeout.
+    next writer the moment the last one is done. For ingest and delivery the flock has no time limit: a
+    bridge process stalled while it holds the turn (stopped with SIGSTOP, say) holds up the others'
+    writes until it goes on or goes away, where SQLite alone would answer 503 after busy_timeout. Other
+    writes take `limited()`, which gives up after busy_timeout.
     """
 
     def __init__(self, path: Path | None, timeout: float) -> None:
@@ -580,18 +581,7 @@ class _WriteTurn:
             self._fd = None
 
     def __enter__(self) -> None:
-        if not self._thread_lock.acquire(timeout=self._timeout):
-            raise sqlite3.OperationalError(self._not_free())
-        if self._fd is None:
-            return
-        try:
-            # Blocking: the kernel hands the lock to the waiting process as soon as it is free. Tried
-            # without blocking, a busy process took its turn again before the other one looked, and the
-            # other one's requests waited hundreds of milliseconds.
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
-            raise
+        self._take(limited=False)
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -604,36 +594,45 @@ class _WriteTurn:
     def limited(self) -> Iterator[None]:
         """The turn, for a write that is neither ingest nor delivery (maintenance, the /readyz probe):
         given up with "database is locked" after the busy timeout, as SQLite would, rather than waiting
-        for a stalled process without end. The flock is polled: such writes are rare, and the fairness
-        that made ingest block does not matter for them."""
-        deadline = time.monotonic() + self._timeout
-        if not self._thread_lock.acquire(timeout=self._timeout):
-            raise sqlite3.OperationalError(self._not_free())
-        try:
-            if self._fd is not None:
-                pause = 0.001
-                while True:
-                    try:
-                        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise sqlite3.OperationalError(
-                                f"database is locked: another bridge process held the write turn for"
-                                f" {self._timeout:g} s"
-                            ) from None
-                        time.sleep(pause)
-                        pause = min(pause * 2, 0.02)
-        except BaseException:
-            self._thread_lock.release()
-            raise
+        for a stalled process without end."""
+        self._take(limited=True)
         try:
             yield
         finally:
             self.__exit__()
 
-    def _not_free(self) -> str:
-        return f"database is locked: the write turn was not free for {self._timeout:g} s"
+    def _take(self, limited: bool) -> None:
+        deadline = time.monotonic() + self._timeout
+        if not self._thread_lock.acquire(timeout=self._timeout):
+            raise sqlite3.OperationalError(
+                f"database is locked: the write turn was not free for {self._timeout:g} s"
+            )
+        if self._fd is None:
+            return
+        try:
+            if not limited:
+                # Blocking: the kernel hands the lock to the waiting process as soon as it is free. Tried
+                # without blocking, a busy process took its turn again before the other one looked, and
+                # the other one's requests waited hundreds of milliseconds.
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                return
+            # Polled: such writes are rare, and the fairness that made ingest block does not matter.
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise sqlite3.OperationalError(
+                            "database is locked: another bridge process held the write turn for"
+                            f" {self._timeout:g} s"
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.02)
+        except BaseException:
+            self._thread_lock.release()
+            raise
 
 
 class _IngestWriter:
