@@ -78,9 +78,6 @@ class Daemon:
             store = await Store(config.db_path, shared=count > 1).open()
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"storage.path: {exc}") from None
-        # Leases left by a crash: those events were maybe sent, maybe not; send them again
-        # (TikTok dedupes on event + event_id).
-        await store.release_leases()
         runtime = self.runtime = Runtime(config=config, store=store)
         timeout = aiohttp.ClientTimeout(total=None)
         session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=32))
@@ -163,8 +160,9 @@ class Daemon:
             self.notifier.close()
 
     def _lock_database(self, db_path: Path) -> None:
-        """One daemon per database: a second one would release the first one's leases at start-up
-        and send its in-flight events again. The lock goes with the process, even on kill -9."""
+        """One daemon per database: leases live in the worker's process, so a second daemon's worker
+        would claim and send the first one's in-flight events again. The lock goes with the process,
+        even on kill -9."""
         lock_path = db_path.with_name(db_path.name + ".lock")
         try:
             lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ MIGRATIONS: tuple[str, ...] = (
         reason TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
         next_attempt_at REAL,
-        lease_until REAL,
+        lease_until REAL,  -- not written since leases are kept in memory (Store.claim_due)
         sent_pixel TEXT,
         last_code INTEGER,
         last_error TEXT,
@@ -217,6 +217,8 @@ class Store:
             self.path.with_name(self.path.name + ".writers") if shared else None, busy_timeout
         )
         self._closing = False
+        # Claimed events by id, and when their lease runs out (see claim_due).
+        self._leases: dict[int, float] = {}
         self.committed = asyncio.Event()  # set after every ingest commit that added pending events
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -398,31 +400,39 @@ class Store:
         async with self._lock:
             return await self._write_on_db_thread(_in_transaction, fn, *args, limited=True)
 
-    async def release_leases(self, ids: Iterable[int] | None = None) -> None:
-        """Make claimed events due again: at start-up (a crash left leases behind) or on shutdown."""
-        if ids is None:
-            await self._write(
-                _execute, "UPDATE conversions SET lease_until = NULL WHERE lease_until IS NOT NULL"
-            )
-        else:
-            rows = [(i,) for i in ids]
-            await self._write(_execute_many, "UPDATE conversions SET lease_until = NULL WHERE id = ?", rows)
+    def release(self, ids: Iterable[int]) -> None:
+        """Make claimed events due again at once (the worker stops before their answers came)."""
+        for conversion_id in ids:
+            self._leases.pop(conversion_id, None)
+
+    def _held(self, now: float) -> str:
+        """The ids whose lease has not run out, as a JSON array for `json_each`."""
+        leases = self._leases
+        for conversion_id in [i for i, until in leases.items() if until <= now]:
+            del leases[conversion_id]
+        return json.dumps(list(leases))
 
     async def claim_due(self, now: float, limit: int, lease: float) -> list[sqlite3.Row]:
         """Lease up to `limit` due events, each merged with its click into the event to send (rows of
-        bridge.enrich.events_sql, by id); a lease that runs out (crash) makes them due again."""
-        params = {"lease": now + lease, "now": now, "limit": limit}
-        write_lock = self._write_lock
+        bridge.enrich.events_sql, by id); a lease that runs out makes them due again.
+
+        Leases live in this process only: a claim writes nothing, so delivery writes each event's row
+        once, with its outcome. After a crash nothing is leased: what was on its way is sent again
+        (TikTok dedupes on event + event_id), as it was when leases were rows that start-up cleared.
+        """
+        held = self._held(now)
 
         def claim(db: sqlite3.Connection) -> list[sqlite3.Row]:
-            with write_lock:
-                ids = _in_transaction(db, _lease, params)
-            # Building the events is a read: ingest commits need not wait for it.
+            ids = [row[0] for row in db.execute(_CLAIM, (now, held, limit))]
             return _claimed_events(db, ids)
 
-        async with self._lock:
-            # One call on the database thread, not an await per statement (see _on_db_thread).
-            return await self._on_db_thread(claim)
+        # One call on the database thread, not an await per statement (see _on_db_thread). A read:
+        # it needs neither the write turn nor the store's write lock.
+        rows = await self._on_db_thread(claim)
+        until = now + lease
+        for row in rows:
+            self._leases[row["id"]] = until
+        return rows
 
     async def apply(self, outcomes: Sequence[Outcome], now: float) -> None:
         """Record the worker's outcomes for one cycle in one transaction.
@@ -452,6 +462,9 @@ class Store:
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
             await self._write_on_db_thread(_in_transaction, _apply, rows)
+        # Recorded: the leases are done with. (Had the transaction failed, they would stay and the
+        # events wait out the lease, rather than being sent again every cycle.)
+        self.release(o.id for o in outcomes)
 
     async def set_pixel_status(
         self, pixel: str, healthy: bool, code: int | None, error: str | None, now: float
@@ -491,12 +504,14 @@ class Store:
         Returns its id and when it was due before, or None when none of the pixel's events waits.
         """
 
+        held = self._held(now)
+
         def probe(db: sqlite3.Connection) -> tuple[int, float] | None:
             row = db.execute(
                 "SELECT id, next_attempt_at FROM conversions WHERE state = 'pending' AND sent_pixel = ? "
-                "AND next_attempt_at > ? AND (lease_until IS NULL OR lease_until <= ?) "
+                "AND next_attempt_at > ? AND id NOT IN (SELECT value FROM json_each(?)) "
                 "ORDER BY next_attempt_at LIMIT 1",
-                (pixel, now, now),
+                (pixel, now, held),
             ).fetchone()
             if row is None:
                 return None
@@ -546,7 +561,7 @@ class Store:
         """Move dead letters (all, or the given ids) back to pending with a fresh attempt count."""
         sql = (
             "UPDATE conversions SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-            "lease_until = NULL, finished_at = NULL WHERE state = 'failed'"
+            "finished_at = NULL WHERE state = 'failed'"
         )
         if ids is None:
             return await self._write(_execute, sql, (now,))
@@ -810,21 +825,16 @@ def _execute_many(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]
     return db.executemany(sql, rows).rowcount
 
 
+# Due events, but those leased (?2: a JSON array of ids): a read, in the order they fell due.
 _CLAIM = """
-UPDATE conversions SET lease_until = :lease WHERE id IN (
-    SELECT id FROM conversions
-    WHERE state = 'pending' AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until <= :now)
-    ORDER BY next_attempt_at LIMIT :limit)
-RETURNING id
+SELECT id FROM conversions
+WHERE state = 'pending' AND next_attempt_at <= ?1 AND id NOT IN (SELECT value FROM json_each(?2))
+ORDER BY next_attempt_at LIMIT ?3
 """
 _CLAIMED_EVENTS = events_sql(
     "conversions c LEFT JOIN clicks k ON k.click_id = c.click_id"
     " WHERE c.id IN (SELECT value FROM json_each(?))"
 )
-
-
-def _lease(db: sqlite3.Connection, params: dict[str, Any]) -> list[int]:
-    return [row[0] for row in db.execute(_CLAIM, params)]
 
 
 def _claimed_events(db: sqlite3.Connection, ids: list[int]) -> list[sqlite3.Row]:
@@ -838,7 +848,7 @@ def _claimed_events(db: sqlite3.Connection, ids: list[int]) -> list[sqlite3.Row]
 # A group of outcomes (Store.apply): the ids as a JSON array, then what happened to all of them.
 _APPLY = """
 UPDATE conversions SET
-    state = ?2, next_attempt_at = ?3, lease_until = NULL,
+    state = ?2, next_attempt_at = ?3,
     attempts = attempts + ?4,
     sent_pixel = COALESCE(?5, sent_pixel),
     last_code = COALESCE(?6, last_code),

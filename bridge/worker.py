@@ -34,7 +34,8 @@ from bridge.tiktok import Answer, Kind, TikTokClient, build_payload
 
 log = get_logger("bridge.worker")
 
-# A claimed event is leased for this long; a crash (or a stuck cycle) makes it due again after it.
+# A claimed event is leased (in memory) for this long: a cycle that failed to record its answers makes
+# it due again after it, a restart at once.
 LEASE_SECONDS = 300.0
 # After a wake-up, wait this long so events arriving in a burst share one request.
 LINGER_SECONDS = 0.1
@@ -109,9 +110,8 @@ class Worker:
                 await self._task
         finally:
             self.runtime.worker_running = False
-        if self._in_flight:
-            await self.runtime.store.release_leases(sorted(self._in_flight))
-            self._in_flight.clear()
+        self.runtime.store.release(self._in_flight)
+        self._in_flight.clear()
 
     def pixel_changed(self, names: Sequence[str]) -> None:
         """A reload changed these pixels' tokens or codes: stop holding them."""

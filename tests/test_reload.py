@@ -16,6 +16,7 @@ from aiohttp import web
 
 from bridge.daemon import Daemon
 from bridge.sdnotify import Notifier
+from bridge.worker import LEASE_SECONDS
 from tests.conftest import SECOND_CODE, SECOND_TOKEN, BridgeFactory, base_settings, write_config
 from tests.daemon_proc import DaemonProcess, free_port
 from tests.fake_tiktok import FakeTikTok
@@ -64,7 +65,7 @@ async def lead(daemon: DaemonProcess, click_id: str, pixel: str | None = None) -
 def rows(daemon: DaemonProcess) -> list[tuple[Any, ...]]:
     db = sqlite3.connect(daemon.config.parent / "bridge.db")
     try:
-        return db.execute("SELECT event_id, state, lease_until FROM conversions ORDER BY id").fetchall()
+        return db.execute("SELECT event_id, state FROM conversions ORDER BY id").fetchall()
     finally:
         db.close()
 
@@ -103,7 +104,7 @@ async def test_an_invalid_config_on_sighup_is_refused_with_its_reason_and_the_ol
     await fake.wait_for(lambda: "after_Lead" in fake.event_ids())
 
 
-async def test_sigterm_lets_an_in_flight_send_end_then_exits_0_leaving_no_lease(
+async def test_sigterm_lets_an_in_flight_send_end_then_exits_0_with_the_event_still_waiting(
     daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
 ) -> None:
     # TikTok hangs; the request gives up after tiktok.timeout (2 s), within the stop grace.
@@ -116,7 +117,7 @@ async def test_sigterm_lets_an_in_flight_send_end_then_exits_0_leaving_no_lease(
     daemon.signal(signal.SIGTERM)
 
     assert await daemon.wait_exit(timeout=20) == 0
-    assert rows(daemon) == [("inflight_Lead", "pending", None)]
+    assert rows(daemon) == [("inflight_Lead", "pending")]
 
 
 async def test_a_send_still_hanging_at_shutdown_has_its_lease_released(
@@ -133,8 +134,11 @@ async def test_a_send_still_hanging_at_shutdown_has_its_lease_released(
     await bridge.worker.stop()
 
     row = await bridge.row(body["conversion_id"])
-    assert (row["state"], row["lease_until"], row["attempts"]) == ("pending", None, 0)
+    assert (row["state"], row["attempts"]) == ("pending", 0)
     assert row["next_attempt_at"] <= bridge.clock()
+    # Released: the next claim takes it at once instead of waiting out the lease.
+    [claimed] = await bridge.store.claim_due(bridge.clock(), 10, LEASE_SECONDS)
+    assert claimed["id"] == body["conversion_id"]
 
 
 async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_once(

@@ -31,16 +31,16 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         db.execute(
             "INSERT INTO clicks (click_id, created_at, updated_at) VALUES ('old-click', ?, ?)", (OLD, OLD)
         )
-        # 1 waits an hour (a held pixel's event, say) under a lease a crash left; 2 is a dead letter.
-        for id_, state, next_attempt, lease, finished in (
-            (1, "pending", time.time() + 3600, time.time() + 600, None),
-            (2, "failed", None, None, OLD),
+        # 1 waits an hour (a held pixel's event, say); 2 is a dead letter.
+        for id_, state, next_attempt, finished in (
+            (1, "pending", time.time() + 3600, None),
+            (2, "failed", None, OLD),
         ):
             db.execute(
                 "INSERT INTO conversions (id, tracker, click_id, status, event, event_id, event_time, state,"
-                " next_attempt_at, lease_until, sent_pixel, received_at, finished_at)"
-                " VALUES (?, 'keitaro', ?, 'sale', 'Purchase', ?, ?, ?, ?, ?, 'main', ?, ?)",
-                (id_, f"c{id_}", f"c{id_}_Purchase", int(OLD), state, next_attempt, lease, OLD, finished),
+                " next_attempt_at, sent_pixel, received_at, finished_at)"
+                " VALUES (?, 'keitaro', ?, 'sale', 'Purchase', ?, ?, ?, ?, 'main', ?, ?)",
+                (id_, f"c{id_}", f"c{id_}_Purchase", int(OLD), state, next_attempt, OLD, finished),
             )
     yield store
     await store.close()
@@ -73,18 +73,12 @@ def row(store: Store, sql: str) -> tuple[object, ...] | None:
 
 DUE_NOW = "SELECT next_attempt_at < strftime('%s', 'now') + 60 FROM conversions WHERE id = 1"
 REQUEUED = "SELECT state = 'pending' FROM conversions WHERE id = 2"
-RELEASED = "SELECT lease_until IS NULL FROM conversions WHERE id = 1"
 
 WRITES: dict[str, tuple[Callable[[Store], Awaitable[object]], str]] = {
     "make_due": (lambda s: s.make_due(time.time()), DUE_NOW),
     "make_due of a pixel": (lambda s: s.make_due(time.time(), ["main"]), DUE_NOW),
-    # An outage probe at a time past the crash's lease: the event waiting an hour becomes due then.
-    "bring_forward": (
-        lambda s: s.bring_forward(time.time() + 700, "main"),
-        "SELECT next_attempt_at < strftime('%s', 'now') + 1000 FROM conversions WHERE id = 1",
-    ),
-    "release_leases": (lambda s: s.release_leases(), RELEASED),
-    "release_leases of ids": (lambda s: s.release_leases([1]), RELEASED),
+    # An outage probe: the event waiting an hour becomes due now.
+    "bring_forward": (lambda s: s.bring_forward(time.time(), "main"), DUE_NOW),
     "requeue_failed": (lambda s: s.requeue_failed(None, time.time()), REQUEUED),
     "requeue_failed of ids": (lambda s: s.requeue_failed([2], time.time()), REQUEUED),
     "prune": (lambda s: s.prune(time.time(), 30 * 86400, 30 * 86400), "SELECT COUNT(*) = 0 FROM clicks"),
