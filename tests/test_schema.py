@@ -38,7 +38,9 @@ async def test_a_first_release_database_is_upgraded_and_its_waiting_event_delive
     assert [row[0] for row in await bridge.store.fetchall("SELECT MAX(version) FROM schema_version")] == [
         len(MIGRATIONS)
     ]
-    assert "conversions_batch" not in {row["name"] for row in await bridge.store.fetchall(INDEXES)}
+    indexes = {row["name"] for row in await bridge.store.fetchall(INDEXES)}
+    assert indexes.isdisjoint({"conversions_batch", "conversions_state"})
+    assert {"conversions_identity", "conversions_due", "conversions_finished"} <= indexes
     await bridge.deliver()
     assert bridge.fake.event_ids() == ["old1_Purchase"]
     # New conversions take the ids after the old ones.
