@@ -199,10 +199,17 @@ class Load:
     server_cpu: float  # share of one core the server used
     loadgen_cpu: float
     ended_at: float = 0.0  # time.time() when the last answer had arrived
+    server_cpu_seconds: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_per_request_us(self) -> float:
+        """The server's CPU (all its threads and processes) per answered request: steadier from run to
+        run than the rate on a shared machine, since time other programs take is not in it."""
+        return self.server_cpu_seconds / self.requests * 1e6 if self.requests else 0.0
 
 
 @dataclass
@@ -285,6 +292,7 @@ def drive(options: Options, url: str, path: str, server: Child, seconds: float) 
         server_cpu=server_cpu / elapsed,
         loadgen_cpu=loadgen_cpu / elapsed,
         ended_at=ended_at,
+        server_cpu_seconds=server_cpu,
     )
 
 
@@ -478,6 +486,7 @@ def median_load(loads: list[Load]) -> dict[str, Any]:
         "errors": sum(load.errors for load in loads),
         "requests": sum(load.requests for load in loads),
         "server_cpu": round(statistics.median(load.server_cpu for load in loads), 3),
+        "server_us_per_request": round(statistics.median(load.cpu_per_request_us for load in loads), 1),
         "loadgen_cpu": round(statistics.median(load.loadgen_cpu for load in loads), 3),
         "rates": [round(load.rate, 1) for load in loads],
     }
@@ -501,10 +510,10 @@ def report(
         f"{options.duration:g}s per server and kind; load average before/after: "
         f"{extra['loadavg_before']} / {extra['loadavg_after']}",
         f"bridge: server.listeners: {options.listeners} (the daemon and {options.listeners - 1} listener "
-        "process(es); srv cpu and peak RSS add them up)",
+        "process(es); srv cpu, its µs/req and peak RSS add them up)",
         "",
         f"{'median of rounds':30}{'req/s':>9}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'worst p99':>10}"
-        f"{'errors':>8}{'srv cpu':>9}{'gen cpu':>9}",
+        f"{'errors':>8}{'srv cpu':>9}{'µs/req':>8}{'gen cpu':>9}",
     ]
     data: dict[str, Any] = {
         "machine": info,
@@ -524,7 +533,7 @@ def report(
         lines.append(
             f"{name:30}{summary['rate']:9.0f}{share:>8}{summary['p50_ms']:9.2f}{summary['p99_ms']:9.2f}"
             f"{summary['worst_p99_ms']:10.2f}{summary['errors']:8d}{summary['server_cpu']:8.0%} "
-            f"{summary['loadgen_cpu']:8.0%}"
+            f"{summary['server_us_per_request']:8.0f}{summary['loadgen_cpu']:8.0%}"
         )
         return summary
 
