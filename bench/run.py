@@ -207,8 +207,7 @@ class Load:
 
     @property
     def cpu_per_request_us(self) -> float:
-        """The server's CPU (all its threads and processes) per answered request: steadier from run to
-        run than the rate on a shared machine, since time other programs take is not in it."""
+        """The server's CPU (all its threads and processes) per answered request."""
         return self.server_cpu_seconds / self.requests * 1e6 if self.requests else 0.0
 
 
