@@ -661,7 +661,7 @@ class _IngestWriter:
 
     It starts the next group as soon as a commit returns, without waiting for a turn of the busy event
     loop, so the listener parses the next requests while SQLite commits the last ones. Write
-    transactions of the other connection (the worker's claims and outcomes) take `write_lock` too,
+    transactions of the other connection (the worker's outcomes, maintenance) take `write_lock` too,
     so neither waits in SQLite's busy handler, which polls with sleeps of milliseconds.
     """
 

@@ -90,6 +90,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[int] = set()
+        # A cycle's claimed rows and outcomes, from its send until the database has recorded them.
+        self._unrecorded: tuple[list[Item], list[Outcome]] | None = None
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -110,6 +112,15 @@ class Worker:
                 await self._task
         finally:
             self.runtime.worker_running = False
+        if self._unrecorded is not None:
+            try:
+                await self._record(*self._unrecorded)
+            except Exception as exc:  # they stay pending: sent again after the restart (same event_id)
+                log.error(
+                    "answers from TikTok not recorded at shutdown",
+                    events=len(self._unrecorded[1]),
+                    error=repr(exc),
+                )
         self.runtime.store.release(self._in_flight)
         self._in_flight.clear()
 
@@ -167,20 +178,33 @@ class Worker:
         settings = self.runtime.config.settings
         if not self._health_loaded:
             await self._load_health()
+        if self._unrecorded is not None:
+            # The last cycle sent these but the database refused their answers: record them before
+            # anything else is claimed. Claiming is a read and would go on working, so without this
+            # the same events would be sent again each time their lease ran out, for as long as the
+            # database refuses writes. Raises (a failed cycle, tried again shortly) while it still does.
+            rows, outcomes = self._unrecorded
+            await self._record(rows, outcomes)
         now = self.clock()
-        # At most one request's worth per cycle (all pixels together): a larger claim held the database,
-        # which ingest commits wait for, and the event loop proportionally longer. A full claim means
-        # no linger before the next cycle, so a backlog is not delivered later for it.
+        # At most one request's worth per cycle (all pixels together): a larger claim made the event
+        # loop work proportionally longer at once. A full claim means no linger before the next cycle,
+        # so a backlog is not delivered later for it.
         rows = await store.claim_due(now, settings.tiktok.batch_size, LEASE_SECONDS)
         if not rows:
             return await self._probe_outages(now)
-        ids = [row["id"] for row in rows]
-        self._in_flight.update(ids)
-        # If anything below raises, the leases stay: the events are due again when they run out
-        # (LEASE_SECONDS), or at once after a restart. Releasing them now could resend a batch
-        # every second while, say, the database refuses to record the answers.
+        self._in_flight.update(row["id"] for row in rows)
+        # If _handle raises, the leases stay: the events are due again when they run out
+        # (LEASE_SECONDS), or at once after a restart.
         outcomes = await self._handle(rows, now)
-        await store.apply(outcomes, self.clock())
+        self._unrecorded = (rows, outcomes)
+        await self._record(rows, outcomes)
+        return len(rows) + await self._probe_outages(self.clock())
+
+    async def _record(self, rows: list[Item], outcomes: list[Outcome]) -> None:
+        """Write a cycle's outcomes (releasing their leases), then count and log them."""
+        await self.runtime.store.apply(outcomes, self.clock())
+        self._unrecorded = None
+        ids = [row["id"] for row in rows]
         self._in_flight.difference_update(ids)
         for conversion_id in ids:
             self._probes.pop(conversion_id, None)
@@ -193,7 +217,6 @@ class Worker:
                 _log_not_delivered(by_id[outcome.id], outcome)
         for (pixel, state), events in finished.items():
             self.runtime.metrics.delivered.labels(pixel, state).inc(events)
-        return len(rows) + await self._probe_outages(self.clock())
 
     async def _handle(self, rows: list[Any], now: float) -> list[Outcome]:
         """Decide every claimed event: expired, unroutable, unmatched, waiting, or sent (and how it went)."""

@@ -22,7 +22,7 @@ from bridge.config import load_config
 from bridge.runtime import Runtime
 from bridge.store import Store
 from bridge.web import create_app
-from bridge.worker import Worker
+from bridge.worker import LEASE_SECONDS, Worker
 from tests.conftest import REPO, Bridge, Clock, base_settings, write_config
 from tests.daemon_proc import free_port
 from tests.fake_tiktok import FakeTikTok
@@ -122,6 +122,31 @@ async def test_postbacks_are_accepted_again_once_the_lock_is_released(impatient:
     assert ready.status == 200
     assert await rows(impatient) == (["clk-retry"], [])
     assert impatient.fake.event_ids() == ["clk-retry_Purchase"]
+
+
+async def test_an_answer_the_database_refused_is_recorded_later_and_the_event_never_sent_twice(
+    impatient: Bridge,
+) -> None:
+    _, body = await impatient.postback("keitaro", **sale("clk-sent"))
+    with write_lock(impatient.config.db_path):
+        # Claiming only reads, so the event goes out; recording TikTok's answer is refused.
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await impatient.worker.run_once()
+        # Long past the claim's lease, with the database still refusing: nothing is sent again.
+        impatient.clock.advance(LEASE_SECONDS + 1)
+        for _ in range(3):
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await impatient.worker.run_once()
+        assert impatient.fake.event_ids() == ["clk-sent_Purchase"]
+        assert (await impatient.row(body["conversion_id"]))["state"] == "pending"
+
+    _, later = await impatient.postback("keitaro", **sale("clk-later"))
+    await impatient.deliver()
+
+    assert impatient.fake.event_ids() == ["clk-sent_Purchase", "clk-later_Purchase"]
+    for conversion_id in (body["conversion_id"], later["conversion_id"]):
+        row = await impatient.row(conversion_id)
+        assert (row["state"], row["attempts"]) == ("delivered", 1)
 
 
 # -- a full disk, under the real daemon ---------------------------------------------------------------------
