@@ -313,6 +313,20 @@ async def test_an_event_that_grows_too_old_while_retrying_expires(make_bridge: B
     assert len(bridge.fake.requests) == 1
 
 
+async def test_an_outage_probe_does_not_bring_forward_an_event_already_on_its_way(bridge: Bridge) -> None:
+    bridge.fake.fail_next(1, "50002")
+    conversion_id = await lead(bridge, "onitsway")
+    await bridge.deliver()  # failed once: waits for its retry, as probes look for
+    # A probe seen from a minute ago finds it waiting, and makes it due.
+    earlier = bridge.clock() - 60
+    assert (await bridge.store.bring_forward(earlier, "main"))[0] == conversion_id
+
+    [claimed] = await bridge.store.claim_due(bridge.clock(), 10, LEASE_SECONDS)
+
+    assert claimed["id"] == conversion_id
+    assert await bridge.store.bring_forward(earlier - 10, "main") is None
+
+
 async def test_a_leased_event_is_sent_again_once_its_lease_runs_out(bridge: Bridge) -> None:
     conversion_id = await lead(bridge, "lease")
     # A worker claimed it and died before recording anything.
