@@ -467,8 +467,8 @@ class Store:
         async with self._lock:
             # One call on the database thread, not an await per statement (see _on_db_thread).
             await self._write_on_db_thread(_in_transaction, _apply, rows)
-        # Recorded: the leases are done with. (Had the transaction failed, they would stay and the
-        # events wait out the lease, rather than being sent again every cycle.)
+        # Recorded: the leases are done with. (Had the transaction failed, they would stay held; the
+        # worker records these outcomes again before it claims anything else.)
         self.release(o.id for o in outcomes)
 
     async def set_pixel_status(

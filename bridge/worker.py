@@ -183,8 +183,7 @@ class Worker:
             # anything else is claimed. Claiming is a read and would go on working, so without this
             # the same events would be sent again each time their lease ran out, for as long as the
             # database refuses writes. Raises (a failed cycle, tried again shortly) while it still does.
-            rows, outcomes = self._unrecorded
-            await self._record(rows, outcomes)
+            await self._record(*self._unrecorded)
         now = self.clock()
         # At most one request's worth per cycle (all pixels together): a larger claim made the event
         # loop work proportionally longer at once. A full claim means no linger before the next cycle,
