@@ -172,6 +172,8 @@ async def browse(url: str, profile: Path, done: Any) -> None:
         stdout=log,
         stderr=log,
         start_new_session=True,  # its own process group, so its helper processes stop with it
+        # Its scratch directories (org.chromium.Chromium.*) go with the test's, not into /tmp for good.
+        env={**os.environ, "TMPDIR": str(profile.parent)},
     )
     try:
         loop = asyncio.get_running_loop()
