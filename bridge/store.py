@@ -405,8 +405,12 @@ class Store:
         async with self._lock:
             return await self._write_on_db_thread(_in_transaction, fn, *args, limited=True)
 
-    def release(self, ids: Iterable[int]) -> None:
-        """Make claimed events due again at once (the worker stops before their answers came)."""
+    def release(self, ids: Iterable[int] | None = None) -> None:
+        """Make claimed events (the given ones, or all) due again at once: their answers are recorded,
+        or the worker stops before they came."""
+        if ids is None:
+            self._leases.clear()
+            return
         for conversion_id in ids:
             self._leases.pop(conversion_id, None)
 

@@ -89,7 +89,6 @@ class Worker:
         self._health_loaded = False
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._in_flight: set[int] = set()
         # A cycle's claimed rows and outcomes, from its send until the database has recorded them.
         self._unrecorded: tuple[list[Item], list[Outcome]] | None = None
 
@@ -121,8 +120,7 @@ class Worker:
                     events=len(self._unrecorded[1]),
                     error=repr(exc),
                 )
-        self.runtime.store.release(self._in_flight)
-        self._in_flight.clear()
+        self.runtime.store.release()  # what is still claimed is due again: only this worker claims
 
     def pixel_changed(self, names: Sequence[str]) -> None:
         """A reload changed these pixels' tokens or codes: stop holding them."""
@@ -191,7 +189,6 @@ class Worker:
         rows = await store.claim_due(now, settings.tiktok.batch_size, LEASE_SECONDS)
         if not rows:
             return await self._probe_outages(now)
-        self._in_flight.update(row["id"] for row in rows)
         # If _handle raises, the leases stay: the events are due again when they run out
         # (LEASE_SECONDS), or at once after a restart.
         outcomes = await self._handle(rows, now)
@@ -203,10 +200,8 @@ class Worker:
         """Write a cycle's outcomes (releasing their leases), then count and log them."""
         await self.runtime.store.apply(outcomes, self.clock())
         self._unrecorded = None
-        ids = [row["id"] for row in rows]
-        self._in_flight.difference_update(ids)
-        for conversion_id in ids:
-            self._probes.pop(conversion_id, None)
+        for row in rows:
+            self._probes.pop(row["id"], None)
         by_id = {row["id"]: row for row in rows}
         finished: Counter[tuple[str, str]] = Counter()
         for outcome in outcomes:
