@@ -69,16 +69,24 @@ def write_config(
 
 
 class Clock:
-    """Real time plus an offset the test moves by hand, so backoff and expiry need no waiting."""
+    """Real time plus an offset the test moves by hand, so backoff and expiry need no waiting.
+
+    `freeze()` stops real time from counting: a test whose expectation depends on how little time
+    passed (a pacing gap of a tenth of a second) then holds on a loaded machine too.
+    """
 
     def __init__(self) -> None:
         self.offset = 0.0
+        self.frozen_at: float | None = None
 
     def __call__(self) -> float:
-        return time.time() + self.offset
+        return (time.time() if self.frozen_at is None else self.frozen_at) + self.offset
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
+
+    def freeze(self) -> None:
+        self.frozen_at = time.time()
 
 
 @dataclass
