@@ -246,3 +246,50 @@ def test_on_a_terminal_lines_are_readable_key_value(out: Captured) -> None:
     assert "postback" in line
     for pair in ("tracker=keitaro", "click_id=abc", "result=accepted"):
         assert pair in line
+
+
+def _without_time(text: str) -> list[str]:
+    return [line.split('"timestamp"')[0] if line.startswith("{") else line[28:] for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["json", "terminal"])
+def test_the_bridges_info_lines_are_the_lines_structlog_itself_writes(out: Captured, tty: bool) -> None:
+    stream = Captured()
+    stream.tty = tty
+    logs.configure(stream=stream)
+    fields: dict[str, Any] = {
+        "tracker": "keitaro",
+        "click_id": "abc",
+        "reason": None,
+        "dropped": ["ip"],
+        "token": "tok-secret",
+        "email": "someone@example.com",
+        "conversion_id": 7,
+    }
+    logs.get_logger("bridge.test").info("postback", **fields)
+    structlog.get_logger("bridge.test").info("postback", **fields)
+    logs.flush()
+
+    ours, structlogs = _without_time(stream.getvalue())
+    assert ours == structlogs
+    assert "tok-secret" not in ours and "someone@example.com" not in ours and "reason" not in ours
+
+
+def test_info_lines_are_left_out_below_the_configured_level(out: Captured) -> None:
+    logs.configure(stream=out, level=logging.WARNING)
+    log = logs.get_logger("bridge.test")
+    log.info("postback", click_id="abc")
+    log.warning("postback refused", click_id="abc")
+    logs.flush()
+
+    assert [line["event"] for line in out.lines()] == ["postback refused"]
+
+
+def test_a_test_capturing_structlogs_lines_sees_the_bridges_info_lines(out: Captured) -> None:
+    with structlog.testing.capture_logs() as captured:
+        logs.get_logger("bridge.test").info("postback", click_id="abc")
+    logs.get_logger("bridge.test").info("after", click_id="abc")
+    logs.flush()
+
+    assert captured == [{"event": "postback", "click_id": "abc", "log_level": "info"}]
+    assert [line["event"] for line in out.lines()] == ["after"]
