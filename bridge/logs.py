@@ -173,25 +173,28 @@ _LINES: _Lines | None = None
 class _Setup:
     """What configure() set up, for Logger.info's short way; valid while structlog still uses it."""
 
-    __slots__ = ("info", "lines", "processors", "renderer", "wrapper")
+    __slots__ = ("factory", "info", "lines", "processors", "renderer", "wrapper")
 
-    def __init__(self, lines: _Lines, processors: list[Any], wrapper: Any, level: int) -> None:
+    def __init__(self, lines: _Lines, processors: list[Any], wrapper: Any, factory: Any, level: int) -> None:
         self.lines = lines
         self.processors = processors
         self.renderer = processors[-1]
         self.wrapper = wrapper
+        self.factory = factory
         self.info = level <= logging.INFO
 
     def current(self) -> bool:
         config = structlog.get_config()
         processors = config["processors"]
-        # capture_logs() swaps the contents of the same list; reset_defaults() and configure() swap it.
+        # Each part is checked on its own: structlog.configure() may replace any one of them and keep
+        # the others, and capture_logs() changes the contents of the same processors list.
         return (
             processors is self.processors
             and len(processors) == 2
             and processors[0] is _fields
             and processors[1] is self.renderer
             and config["wrapper_class"] is self.wrapper
+            and config["logger_factory"] is self.factory
         )
 
 
@@ -223,6 +226,8 @@ class Logger:
             setup.lines.info(setup.renderer(None, "info", _fields(None, "info", fields)))
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_structlog":  # not set yet (copy.copy builds the object without __init__)
+            raise AttributeError(name)
         return getattr(self._structlog, name)
 
 
@@ -262,13 +267,17 @@ def configure(stream: TextIO | None = None, json: bool | None = None, level: int
     global _SETUP
     processors = [_fields, renderer]
     wrapper = structlog.make_filtering_bound_logger(level)
+
+    def factory(*args: Any) -> _Lines:
+        return lines
+
     structlog.configure(
         processors=processors,
         wrapper_class=wrapper,
-        logger_factory=lambda *args: lines,
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
-    _SETUP = _Setup(lines, processors, wrapper, level)
+    _SETUP = _Setup(lines, processors, wrapper, factory, level)
 
     handler = _Handler(stream)
     handler.setFormatter(

@@ -126,16 +126,20 @@ async def test_rate_limit_answers_never_use_up_attempts(make_bridge: BridgeFacto
 
 
 async def test_a_rate_limited_pixel_waits_before_its_next_request(bridge: Bridge) -> None:
-    # A second ahead of the events' arrival times, so they are due; frozen, so the time the requests
-    # below take on a busy machine does not count as the pixel having waited.
-    bridge.clock.advance(1)
+    # Postbacks are stamped with real time: the worker's clock runs a minute ahead, so they are due
+    # at once, and stands still, so the time the requests take on a busy machine is not counted as
+    # the pixel having waited.
+    bridge.clock.advance(60)
     bridge.clock.freeze()
     bridge.fake.fail_next(1, "40100")
     await lead(bridge, "r2")
     await bridge.deliver()
     await lead(bridge, "r3")
 
-    # Not a moment later: the pixel was told to slow down.
+    # A moment later (0.02 s: with the worker's 0.05 s slack, past an unslowed pixel's spacing of
+    # 1/20 s and short of a slowed one's 1/10 s), r3 is due, and waits.
+    bridge.clock.advance(0.02)
+    assert await bridge.store.next_due_at() <= bridge.clock()
     await bridge.deliver()
     assert len(bridge.fake.requests) == 1
 

@@ -248,8 +248,15 @@ def test_on_a_terminal_lines_are_readable_key_value(out: Captured) -> None:
         assert pair in line
 
 
-def _without_time(text: str) -> list[str]:
-    return [line.split('"timestamp"')[0] if line.startswith("{") else line[28:] for line in text.splitlines()]
+def _without_time(text: str) -> list[Any]:
+    """Each line without its timestamp: a JSON line's fields in order, a terminal line's text after it."""
+    lines: list[Any] = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            lines.append([(k, v) for k, v in json.loads(line).items() if k != "timestamp"])
+        else:
+            lines.append(line[28:])
+    return lines
 
 
 @pytest.mark.parametrize("tty", [False, True], ids=["json", "terminal"])
@@ -293,3 +300,23 @@ def test_a_test_capturing_structlogs_lines_sees_the_bridges_info_lines(out: Capt
 
     assert captured == [{"event": "postback", "click_id": "abc", "log_level": "info"}]
     assert [line["event"] for line in out.lines()] == ["after"]
+
+
+def test_info_lines_go_where_structlog_sends_them_when_its_logger_factory_is_replaced(out: Captured) -> None:
+    elsewhere = io.StringIO()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(elsewhere))
+    logs.get_logger("bridge.test").info("postback", click_id="abc")
+    structlog.get_logger("bridge.test").info("postback", click_id="abc")
+    logs.flush()
+
+    assert out.getvalue() == ""
+    ours, structlogs = _without_time(elsewhere.getvalue())
+    assert ours == structlogs
+
+
+def test_info_lines_follow_a_level_filter_structlog_is_given_later(out: Captured) -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    logs.get_logger("bridge.test").info("postback", click_id="abc")
+    logs.flush()
+
+    assert out.getvalue() == ""
