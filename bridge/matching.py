@@ -136,31 +136,37 @@ def hash_identifiers(
 
 
 # Query parameters named like these carry an email address or a phone number (`?email=`, `user_phone=`).
-_PII_NAME = re.compile(r"e-?mail|phone|^(mail|tel|mobile|msisdn)$", re.IGNORECASE)
+_PII_NAME = re.compile(r"e-?mail|phone|^(mail|tel|mobile|msisdn|ph|wa|whatsapp|cell)$", re.IGNORECASE)
 # Deliberately loose: anything@domain.tld counts, since a kept address is worse than a lost parameter.
 _EMAIL_LIKE = re.compile(r"[^\s@]@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+# A number in international format, whatever the parameter's name: '+' and 8 to 15 digits, perhaps
+# grouped by spaces, dots, dashes or brackets. (A number written without its country code cannot be
+# told apart from an id or a timestamp by its value; only its parameter's name gives it away.)
+_PHONE_LIKE = re.compile(r"\+[\s(]*\d(?:[\s().-]*\d){7,14}(?!\d)")
 
 
-def _carries_email(text: str) -> bool:
+def _carries_pii(text: str) -> bool:
+    """An email address or an international phone number in `text`, as it is or decoded."""
     # Decoded repeatedly: a URL nested in a parameter is encoded once more (`bob%2540example.com`).
-    for _ in range(3):
-        if _EMAIL_LIKE.search(text):
+    # Tried before decoding too: there a phone's '+' is still a '+', not the space it decodes to.
+    for _ in range(4):
+        if _EMAIL_LIKE.search(text) or _PHONE_LIKE.search(text):
             return True
         decoded = unquote_plus(text)
         if decoded == text:
             return False
         text = decoded
-    return _EMAIL_LIKE.search(text) is not None
+    return False
 
 
 def scrub_url(url: str | None) -> str | None:
-    """A page URL or referrer fit to store and send: no email address or phone parameter left in it.
+    """A page URL or referrer fit to store and send: no email address or phone number left in it.
 
     Landing pages pass form fields along in the query (`/thanks?email=...`), so a raw address would
     otherwise reach the database and TikTok's `page.url` unhashed. Parameters named for an email or
-    phone, or whose value holds an email address, are removed; untouched ones keep their exact
-    encoding. The fragment is dropped (servers never see it, pages keep state in it). A URL that
-    still holds an email address elsewhere (its path) is dropped whole.
+    phone, or whose value holds an email address or an international phone number, are removed;
+    untouched ones keep their exact encoding. The fragment is dropped (servers never see it, pages
+    keep state in it). A URL that still holds either elsewhere (its path) is dropped whole.
     """
     if url is None:
         return None
@@ -169,10 +175,10 @@ def scrub_url(url: str | None) -> str | None:
     kept = []
     for part in query.split("&") if sep else ():
         name, _, value = part.partition("=")
-        if not part or _PII_NAME.search(unquote_plus(name)) or _carries_email(value):
+        if not part or _PII_NAME.search(unquote_plus(name)) or _carries_pii(value):
             continue
         kept.append(part)
     scrubbed = f"{path}?{'&'.join(kept)}" if kept else path
-    if not scrubbed or _carries_email(scrubbed):
+    if not scrubbed or _carries_pii(scrubbed):
         return None
     return scrubbed

@@ -325,6 +325,8 @@ def test_hash_identifiers_agrees_with_individual_hashers(
         "https://lp.example/offer",
         "https://lp.example/offer?ttclid=E.C.P.CqgBqkM2fX&subid=1dad2cg1br22spja1",
         "https://lp.example/p?q=a+b%20c&hotel=2&is_mobile=1&handle=%40someone",
+        # Digits alone are ids, prices and timestamps; a '+' before a few digits is a sign.
+        "https://lp.example/p?ad=1790000000000000001&ts=1764000000&price=%2B5&q=size+10",
     ],
 )
 def test_url_without_email_or_phone_is_kept_exactly(url: str) -> None:
@@ -340,6 +342,15 @@ def test_url_without_email_or_phone_is_kept_exactly(url: str) -> None:
         ("https://lp.example/t?next=%2Fok%3Fe%3Dbob%2540example.org&x=1", "https://lp.example/t?x=1"),
         ("https://lp.example/t?a=1#email=alice@example.com", "https://lp.example/t?a=1"),
         ("https://lp.example/u/alice@example.com/thanks", None),
+        # Phone numbers in international format, whatever the parameter is called, however encoded.
+        ("https://lp.example/t?a=1&n=%2B14155550100", "https://lp.example/t?a=1"),
+        ("https://lp.example/t?n=%252B14155550100&a=1", "https://lp.example/t?a=1"),
+        ("https://lp.example/t?n=+14155550100&a=1", "https://lp.example/t?a=1"),
+        ("https://lp.example/t?c=%2B44%20(20)%207946-0958&a=1", "https://lp.example/t?a=1"),
+        ("https://lp.example/t?next=%2Fok%3Fn%3D%252B4930901820&a=1", "https://lp.example/t?a=1"),
+        # Without the country code only the parameter's name says it is a phone number.
+        ("https://lp.example/t?ph=4155550100&wa=4155550100&a=1", "https://lp.example/t?a=1"),
+        ("https://lp.example/call/+14155550100", None),
         ("", None),
         (None, None),
     ],
@@ -354,4 +365,24 @@ def test_no_email_survives_in_a_scrubbed_url(email: str, encode: Callable[[str],
     query = f"a=1&{quote(name)}={encode(email)}&b=2"
     scrubbed = scrub_url(f"https://lp.example/t?{query}")
     assert scrubbed is None or email.lower() not in scrubbed.lower()
+    assert scrubbed is None or scrubbed.startswith("https://lp.example/t?a=1")
+
+
+@FAST
+@given(
+    st.sampled_from(sorted(phonenumbers.SUPPORTED_REGIONS)),
+    st.sampled_from([PhoneNumberFormat.E164, PhoneNumberFormat.INTERNATIONAL]),
+    st.sampled_from([quote, quote_plus, lambda text: text]),
+    st.text(max_size=8),
+)
+def test_no_international_phone_number_survives_in_a_scrubbed_url(
+    region: str, style: int, encode: Callable[[str], str], name: str
+) -> None:
+    number = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
+    if number is None:
+        return
+    written = phonenumbers.format_number(number, style)
+    scrubbed = scrub_url(f"https://lp.example/t?a=1&{quote(name)}={encode(written)}&b=2")
+    national = str(number.national_number)
+    assert scrubbed is None or national not in scrubbed.replace("%20", "").replace("+", "").replace("-", "")
     assert scrubbed is None or scrubbed.startswith("https://lp.example/t?a=1")

@@ -165,7 +165,8 @@ async def test_page_url_loses_query_parameters_that_carry_an_email_or_phone(brid
         click_id="u1",
         ttclid="E.C.P.u1",
         url="https://lp.example/thanks?step=2&email=Alice.Buyer%2Bpromo%40Example.COM&tel=%2B442079460958#top",
-        referrer="https://lp.example/form?next=%2Fthanks&contact=alice.buyer%2Bpromo%40example.com",
+        # A phone number under a name no list could foresee gives itself away by its '+'.
+        referrer="https://lp.example/form?next=%2Fthanks&contact=alice.buyer%2Bpromo%40example.com&n=%2B14155550100",
     )
     await bridge.postback("keitaro", subid="u1", status="lead")
     await bridge.deliver()
