@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from bridge.config import TrackerConfig
 from bridge.matching import HashedIdentifiers, hash_identifiers, scrub_url
@@ -173,6 +174,7 @@ def parse_ip(text: str | None, dropped: list[str]) -> str | None:
         return None
 
 
+_T = TypeVar("_T")
 _NOTHING_HASHED = HashedIdentifiers()
 
 
@@ -181,6 +183,15 @@ def _hashed(email: str | None, phone: str | None, external_id: str | None, regio
     if email is None and phone is None and external_id is None:
         return _NOTHING_HASHED
     return hash_identifiers(email, phone, external_id, region)
+
+
+def _or_dropped(parse: Callable[..., _T], name: str, dropped: list[str], *args: Any) -> _T | None:
+    """`parse(*args)`, or None with `name` added to `dropped` where it would refuse the postback."""
+    try:
+        return parse(*args)
+    except BadParameter:
+        dropped.append(name)
+        return None
 
 
 def render_event_id(template: str, **fields: str) -> str:
@@ -207,10 +218,6 @@ def build_conversion(
 
     status = (clean(params, "status", dropped) or "").lower()
     transaction_id = clean(params, "transaction_id", dropped) or ""
-    value = parse_value(clean(params, "value", dropped))
-    currency = parse_currency(clean(params, "currency", dropped), tracker.default_currency)
-    event_time = parse_event_time(clean(params, "event_time", dropped), received_at)
-
     route = tracker.events.get(status)
     if route is None:
         event, reason = None, IGNORED_UNMAPPED
@@ -218,6 +225,22 @@ def build_conversion(
         event, reason = None, IGNORED_NOT_SENT
     else:
         event, reason = route.event, None
+
+    value_text = clean(params, "value", dropped)
+    currency_text = clean(params, "currency", dropped)
+    time_text = clean(params, "event_time", dropped)
+    if event is not None:
+        value = parse_value(value_text)
+        currency = parse_currency(currency_text, tracker.default_currency)
+        event_time = parse_event_time(time_text, received_at)
+    else:
+        # Never sent, so recorded whatever these say (a chargeback's negative revenue, say): a 400
+        # would only make the tracker report a failed postback, and resend it.
+        value = _or_dropped(parse_value, "value", dropped, value_text)
+        currency = _or_dropped(parse_currency, "currency", dropped, currency_text, tracker.default_currency)
+        event_time = _or_dropped(parse_event_time, "event_time", dropped, time_text, received_at)
+        currency = currency or tracker.default_currency
+        event_time = event_time or int(received_at)
 
     hashed = _hashed(
         clean(params, "email", dropped),

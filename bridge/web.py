@@ -168,7 +168,8 @@ def _encodable(text: str) -> bool:
 
 def _scalar(name: Any, value: Any) -> str:
     if isinstance(value, bool):
-        return "1" if value else "0"
+        # As JSON writes it: `true` is no number, and must not pass as a value of 1.
+        return "true" if value else "false"
     if isinstance(value, int | float | str):
         return str(value)
     raise BadParameter(str(name)[:64], "must be a string or a number")

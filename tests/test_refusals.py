@@ -200,6 +200,32 @@ async def test_value_that_is_not_a_finite_amount_is_400_naming_value(bridge: Bri
     assert await nothing_kept(bridge)
 
 
+async def test_json_true_is_no_value(bridge: Bridge) -> None:
+    body = json.dumps({**SALE, "revenue": True}).encode()
+    status, answer = await post(bridge, "/postback/keitaro", body, "application/json")
+
+    assert status == 400
+    assert answer == {"error": "value: not a number: 'true'"}
+    assert await nothing_kept(bridge)
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"), [("rejected", "status_not_sent"), ("chargeback", "unmapped_status")]
+)
+async def test_a_status_never_sent_is_recorded_without_the_fields_that_do_not_parse(
+    bridge: Bridge, status: str, reason: str
+) -> None:
+    # A chargeback's revenue is negative; a 400 would only make the tracker resend it as failed.
+    broken = {"revenue": "-45", "currency": "dollars", "event_time": "yesterday"}
+    answer_status, answer = await bridge.postback("keitaro", **{**SALE, "status": status, **broken})
+
+    assert (answer_status, answer) == (200, {"result": "ignored", "reason": reason})
+    [row] = await bridge.store.fetchall("SELECT state, value, currency, status FROM conversions")
+    assert tuple(row) == ("ignored", None, None, status)
+    await bridge.deliver()
+    assert bridge.fake.requests == []
+
+
 @pytest.mark.parametrize("currency", ["US", "USDT", "U$D", "123", "€€€", "dollars"])
 async def test_currency_that_is_not_three_letters_is_400_naming_currency(
     bridge: Bridge, currency: str
