@@ -162,13 +162,22 @@ def parse_event_time(text: str | None, received_at: float) -> int:
     return int(number)
 
 
+def plain_address(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4 address written as IPv6 (`::ffff:1.2.3.4`, what a dual-stack socket reports for an IPv4
+    client) as the IPv4 address it is: so TikTok can match it, and IPv4 networks contain it."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped if mapped is not None else ip
+
+
 def parse_ip(text: str | None, dropped: list[str]) -> str | None:
     if text is None:
         return None
     if _CANONICAL_IPV4.fullmatch(text):  # the usual case, without ipaddress's slower parse
         return text
     try:
-        return str(ipaddress.ip_address(text))
+        return str(plain_address(ipaddress.ip_address(text)))
     except ValueError:
         dropped.append("ip")
         return None

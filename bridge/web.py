@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bridge.config import Network, TrackerConfig
 from bridge.listeners import from_listener_process
 from bridge.logs import get_logger
-from bridge.mapping import BadParameter, build_click, build_conversion
+from bridge.mapping import BadParameter, build_click, build_conversion, plain_address
 from bridge.metrics import CONTENT_TYPE
 from bridge.runtime import Runtime
 from bridge.stats import refresh_gauges
@@ -51,10 +51,19 @@ def _ip_in(address: str | None, networks: Sequence[Network]) -> bool:
     if not address:
         return False
     try:
-        ip = ipaddress.ip_address(address)
+        ip = plain_address(ipaddress.ip_address(address))
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+def _plain(address: str | None) -> str | None:
+    if address is None or ":" not in address:  # IPv4, as most clients are: nothing to unwrap
+        return address
+    try:
+        return str(plain_address(ipaddress.ip_address(address or "")))
+    except ValueError:
+        return address
 
 
 def client_ip(request: web.Request, trusted_proxies: Sequence[Network]) -> str | None:
@@ -63,7 +72,7 @@ def client_ip(request: web.Request, trusted_proxies: Sequence[Network]) -> str |
     Walks X-Forwarded-For from the right, skipping trusted proxies, so a client cannot
     prepend a forged address.
     """
-    peer = request.remote
+    peer = _plain(request.remote)
     if not trusted_proxies or not _ip_in(peer, trusted_proxies):
         return peer
     # Every X-Forwarded-For line, in order: a proxy that adds its own line instead of appending to
@@ -76,8 +85,8 @@ def client_ip(request: web.Request, trusted_proxies: Sequence[Network]) -> str |
         except ValueError:
             return peer
         if not _ip_in(hop, trusted_proxies):
-            return hop
-    return hops[0] if hops else peer
+            return _plain(hop)
+    return _plain(hops[0]) if hops else peer
 
 
 async def read_params(request: web.Request) -> dict[str, str]:

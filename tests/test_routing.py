@@ -230,6 +230,23 @@ async def test_forged_x_forwarded_for_line_before_the_proxys_line_is_not_believe
     assert await click_ip(bridge, "f4", headers) == "203.0.113.9"
 
 
+async def test_ipv4_addresses_written_as_ipv6_count_as_ipv4(make_bridge: BridgeFactory) -> None:
+    # What a proxy listening on a dual-stack socket writes for an IPv4 client: `::ffff:a.b.c.d`.
+    def trust(settings: dict[str, Any]) -> None:
+        settings["server"]["trusted_proxies"] = ["127.0.0.0/8", "10.0.0.0/8"]
+
+    bridge = await make_bridge(edit=trust)
+    assert await click_ip(bridge, "m1", {"X-Forwarded-For": "::ffff:203.0.113.9"}) == "203.0.113.9"
+    # A trusted proxy's own hop, written so, is still a trusted proxy's and skipped.
+    chain = {"X-Forwarded-For": "203.0.113.7, ::ffff:10.0.0.5"}
+    assert await click_ip(bridge, "m2", chain) == "203.0.113.7"
+
+    await bridge.postback("keitaro", subid="m3", status="lead", ip="::ffff:198.51.100.4", user_agent="UA")
+    await bridge.deliver()
+    [event] = bridge.fake.received
+    assert event["user"]["ip"] == "198.51.100.4"
+
+
 async def test_postback_source_address_is_never_the_users_ip(make_bridge: BridgeFactory) -> None:
     bridge = await make_bridge(edit=trust_loopback)
     await bridge.client.get(
