@@ -139,10 +139,11 @@ def hash_identifiers(
 _PII_NAME = re.compile(r"e-?mail|phone|^(mail|tel|mobile|msisdn|ph|wa|whatsapp|cell)$", re.IGNORECASE)
 # Deliberately loose: anything@domain.tld counts, since a kept address is worse than a lost parameter.
 _EMAIL_LIKE = re.compile(r"[^\s@]@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
-# A number in international format, whatever the parameter's name: '+' and 8 to 15 digits, perhaps
-# grouped by spaces, dots, dashes or brackets. (A number written without its country code cannot be
-# told apart from an id or a timestamp by its value; only its parameter's name gives it away.)
-_PHONE_LIKE = re.compile(r"\+[\s(]*\d(?:[\s().-]*\d){7,14}(?!\d)")
+# A number in international format, whatever the parameter's name: '+' and 7 to 15 digits (Niue's and
+# Tokelau's have 7), perhaps grouped by spaces, dots, dashes or brackets. (A number written without its
+# country code cannot be told apart from an id or a timestamp by its value; only its parameter's name
+# gives it away.)
+_PHONE_LIKE = re.compile(r"\+[\s(]*\d(?:[\s().-]*\d){6,14}(?!\d)")
 
 
 def _carries_pii(text: str) -> bool:

@@ -368,21 +368,15 @@ def test_no_email_survives_in_a_scrubbed_url(email: str, encode: Callable[[str],
     assert scrubbed is None or scrubbed.startswith("https://lp.example/t?a=1")
 
 
-@FAST
-@given(
-    st.sampled_from(sorted(phonenumbers.SUPPORTED_REGIONS)),
-    st.sampled_from([PhoneNumberFormat.E164, PhoneNumberFormat.INTERNATIONAL]),
-    st.sampled_from([quote, quote_plus, lambda text: text]),
-    st.text(max_size=8),
-)
+@pytest.mark.parametrize("style", [PhoneNumberFormat.E164, PhoneNumberFormat.INTERNATIONAL])
+@pytest.mark.parametrize("encode", [quote, quote_plus, lambda text: text], ids=["quote", "quote_plus", "raw"])
 def test_no_international_phone_number_survives_in_a_scrubbed_url(
-    region: str, style: int, encode: Callable[[str], str], name: str
+    style: int, encode: Callable[[str], str]
 ) -> None:
-    number = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
-    if number is None:
-        return
-    written = phonenumbers.format_number(number, style)
-    scrubbed = scrub_url(f"https://lp.example/t?a=1&{quote(name)}={encode(written)}&b=2")
-    national = str(number.national_number)
-    assert scrubbed is None or national not in scrubbed.replace("%20", "").replace("+", "").replace("-", "")
-    assert scrubbed is None or scrubbed.startswith("https://lp.example/t?a=1")
+    for region in sorted(phonenumbers.SUPPORTED_REGIONS):  # every country's example mobile number
+        number = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
+        if number is None:
+            continue
+        written = phonenumbers.format_number(number, style)
+        scrubbed = scrub_url(f"https://lp.example/t?a=1&n={encode(written)}&b=2")
+        assert scrubbed == "https://lp.example/t?a=1&b=2", (region, written)
