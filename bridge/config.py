@@ -6,7 +6,7 @@ import ipaddress
 import os
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +67,7 @@ STANDARD_EVENTS = frozenset(
 
 TRACKER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR_HEAD = re.compile(r"\$\{[A-Za-z0-9_]{0,32}.?")
 
 
 class ConfigError(Exception):
@@ -324,6 +325,15 @@ def expand_env(value: Any, environ: Mapping[str, str], where: str, problems: lis
     if not isinstance(value, str):
         return value
 
+    # Any other shell form (`${NAME-default}`, `${NAME:=x}`) would be kept as text, and a token or key
+    # would be sent as that text. Named by its head only: what follows may be a secret.
+    expanded = {match.start() for match in _VAR.finditer(value)}
+    for other in _VAR_HEAD.finditer(value):
+        if other.start() not in expanded:
+            problems.append(
+                f"{where}: {other.group()!r}... is not expanded: only ${{NAME}} and ${{NAME:-default}} are"
+            )
+
     def sub(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in environ:
@@ -360,7 +370,12 @@ class _SafeUniqueLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path, environ: Mapping[str, str], problems: list[str]) -> dict[str, Any] | None:
+def _read_yaml(
+    path: Path, environ: Mapping[str, str], problems: list[str], blamed: set[str]
+) -> dict[str, Any] | None:
+    """The file's mapping with variables expanded; None if it cannot be read or parsed. A key whose
+    variable could not be expanded is reported here and added to `blamed` (as `<path>: <key>: `), so
+    that what its empty value makes of it later is not reported twice."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -392,7 +407,8 @@ def _read_yaml(path: Path, environ: Mapping[str, str], problems: list[str]) -> d
         problems.append(f"{path}: YAML nests too deeply (or an alias refers to itself)")
         return None
     problems.extend(f"{path}: {e}" for e in errors)
-    return data if not errors else None
+    blamed.update(f"{path}: {e.partition(': ')[0]}: " for e in errors)
+    return data
 
 
 def _validation_problems(path: Path, exc: ValidationError) -> list[str]:
@@ -411,37 +427,47 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     environ = os.environ if environ is None else environ
     path = Path(path)
     problems: list[str] = []
-    raw = _read_yaml(path, environ, problems)
+    blamed: set[str] = set()
+
+    def unblamed(lines: Iterable[str]) -> list[str]:
+        return [line for line in lines if not any(line.startswith(key) for key in blamed)]
+
+    raw = _read_yaml(path, environ, problems, blamed)
     if raw is None:
         raise ConfigError(problems)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_validation_problems(path, exc)) from None
-    problems.extend(_settings_problems(path, settings))
+        raise ConfigError(problems + unblamed(_validation_problems(path, exc))) from None
+    problems.extend(unblamed(_settings_problems(path, settings)))
 
-    warnings: list[str] = []
+    warnings: list[str] = _shell_variable_warnings(path, raw)
     trackers: dict[str, TrackerConfig] = {}
     origin: dict[str, Path] = {}
     trackers_dir = _relative_to(path, settings.trackers_dir)
     if not trackers_dir.is_dir():
         problems.append(f"{path}: trackers_dir: {trackers_dir} is not a directory")
     else:
+        warnings.extend(
+            f"{file}: not read: tracker files end in .yaml" for file in sorted(trackers_dir.glob("*.yml"))
+        )
         for file in sorted(trackers_dir.glob("*.yaml")):
-            data = _read_yaml(file, environ, problems)
+            data = _read_yaml(file, environ, problems, blamed)
             if data is None:
                 continue
             try:
                 tracker = TrackerConfig.model_validate(data)
             except ValidationError as exc:
-                problems.extend(_validation_problems(file, exc))
+                problems.extend(unblamed(_validation_problems(file, exc)))
                 continue
             if tracker.name in trackers:
                 problems.append(f"{file}: name: {tracker.name!r} is already used by {origin[tracker.name]}")
                 continue
-            problems.extend(_tracker_pixel_problems(file, tracker, settings))
+            problems.extend(unblamed(_tracker_pixel_problems(file, tracker, settings)))
             warnings.extend(_custom_event_warnings(file, tracker))
-            warnings.extend(_open_tracker_warnings(file, tracker, settings))
+            warnings.extend(unblamed(_open_tracker_warnings(file, tracker, settings)))
+            warnings.extend(_tracker_warnings(file, tracker))
+            warnings.extend(_shell_variable_warnings(file, data))
             trackers[tracker.name] = tracker
             origin[tracker.name] = file
     if problems:
@@ -488,6 +514,50 @@ def _open_tracker_warnings(file: Path, tracker: TrackerConfig, settings: Setting
         f"{file}: key: empty and allow_ips empty, so anyone who finds /postback/{tracker.name} "
         "can report conversions; set a key (or allow_ips)"
     ]
+
+
+_SHELL_VARIABLE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _shell_variable_warnings(file: Path, value: Any, where: str = "") -> list[str]:
+    """A value that is all `$NAME`: most likely meant as ${NAME}, which alone is expanded."""
+    if isinstance(value, dict):
+        return [
+            w
+            for k, v in value.items()
+            for w in _shell_variable_warnings(file, v, f"{where}.{k}" if where else str(k))
+        ]
+    if isinstance(value, list):
+        return [w for i, v in enumerate(value) for w in _shell_variable_warnings(file, v, f"{where}[{i}]")]
+    if isinstance(value, str) and _SHELL_VARIABLE.fullmatch(value):
+        return [f"{file}: {where}: {value!r} is taken as it is; write ${{{value[1:]}}} to use the variable"]
+    return []
+
+
+# What a URL's query carries as it is; any other character of a key has to be percent-encoded in the
+# postback URL (a '+' would arrive as a space), which is easy to get wrong when pasting it in.
+_URL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _tracker_warnings(file: Path, tracker: TrackerConfig) -> list[str]:
+    warnings = []
+    unsafe = sorted(set(tracker.key) - _URL_SAFE)
+    if unsafe and not _SHELL_VARIABLE.fullmatch(tracker.key):  # that one has its own warning
+        shown = " ".join(repr(c) for c in unsafe[:5])
+        warnings.append(
+            f"{file}: key: has characters a URL carries only percent-encoded ({shown}): paste the key"
+            " into the postback URL encoded, or use letters and digits only (openssl rand -hex 16)"
+        )
+    if not any(route.event is not None for route in tracker.events.values()):
+        warnings.append(
+            f"{file}: events: no status is mapped to an event, so nothing this tracker reports is sent"
+        )
+    elif "status" not in tracker.params and "" not in tracker.events:
+        warnings.append(
+            f"{file}: params: no status parameter, so every postback is recorded as ignored"
+            " (map status to the tracker's status parameter)"
+        )
+    return warnings
 
 
 def is_loopback(host: str) -> bool:

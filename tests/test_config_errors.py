@@ -157,6 +157,45 @@ def test_unset_environment_variable_names_the_key(
     ]
 
 
+@pytest.mark.parametrize("written", ["${BRIDGE_TEST_TOKEN-fallback}", "${BRIDGE_TEST_TOKEN:=x}", "a${B C}"])
+def test_a_shell_form_that_is_not_expanded_is_an_error_that_hides_what_follows(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str], written: str
+) -> None:
+    # Kept as text, the token would be sent to TikTok as it is written.
+    settings["pixels"]["main"]["access_token"] = written
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: '${{")
+    assert problem.endswith("is not expanded: only ${NAME} and ${NAME:-default} are")
+    assert "fallback" not in problem
+
+
+def test_an_unset_variable_does_not_hide_the_other_problems(
+    tmp_path: Path,
+    settings: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BRIDGE_TEST_UNSET_TOKEN", raising=False)
+    settings["pixels"]["main"]["access_token"] = "${BRIDGE_TEST_UNSET_TOKEN}"
+    settings["tiktok"]["batch_size"] = 5000
+    settings["server"]["serverr"] = 1
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    # Its empty value is not reported again as an empty token.
+    assert [p.split(": ")[1] for p in problems] == [
+        "pixels.main.access_token",
+        "server.serverr",
+        "tiktok.batch_size",
+    ]
+    assert "environment variable BRIDGE_TEST_UNSET_TOKEN is not set" in problems[0]
+
+
 def test_default_pixel_that_does_not_exist_is_named(
     tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -332,6 +371,57 @@ def test_tracker_unset_environment_variable_names_the_key(
     assert code == 2
     [problem] = problems
     assert problem.startswith(f"{file}: key: environment variable BRIDGE_TEST_UNSET_KEY is not set")
+
+
+def warnings_of(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    code = main(["check-config", "-c", str(path)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return [line.removeprefix("warning: ") for line in err.splitlines()]
+
+
+def test_tracker_traps_that_lose_every_postback_are_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "Ab+cd/ef=="  # what `openssl rand -base64` gives; '+' arrives as a space unless encoded
+    trackers = {
+        "plus": tracker(name="plus", key=secret),
+        "mute": tracker(name="mute", events={"sale": None, "lead": None}),
+        "flat": tracker(name="flat", params={"click_id": "subid"}),
+        "fine": tracker(name="fine", key="k3y-0123456789abcdef"),
+    }
+    trackers_dir = tmp_path / "trackers"
+    path = write(tmp_path, base_settings(), trackers)
+    (trackers_dir / "extra.yml").write_text(yaml.safe_dump(tracker(name="extra")))
+
+    warnings = warnings_of(path, capsys)
+
+    assert warnings == [
+        f"{trackers_dir / 'extra.yml'}: not read: tracker files end in .yaml",
+        f"{trackers_dir / 'flat.yaml'}: params: no status parameter, so every postback is recorded as ignored"
+        " (map status to the tracker's status parameter)",
+        f"{trackers_dir / 'mute.yaml'}: events: no status is mapped to an event, so nothing this tracker"
+        " reports is sent",
+        f"{trackers_dir / 'plus.yaml'}: key: has characters a URL carries only percent-encoded ('+' '/' '='):"
+        " paste the key into the postback URL encoded, or use letters and digits only (openssl rand -hex 16)",
+    ]
+    assert not any(secret in w for w in warnings)
+
+
+def test_a_value_written_as_a_shell_variable_is_warned_about(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["pixels"]["main"]["access_token"] = "$TIKTOK_TOKEN"
+    path = write(tmp_path, settings, {"other": tracker(key="$KEITARO_KEY")})
+
+    warnings = warnings_of(path, capsys)
+
+    assert warnings == [
+        f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: '$TIKTOK_TOKEN' is taken as it is;"
+        " write ${TIKTOK_TOKEN} to use the variable",
+        f"{tmp_path / 'trackers' / 'other.yaml'}: key: '$KEITARO_KEY' is taken as it is;"
+        " write ${KEITARO_KEY} to use the variable",
+    ]
 
 
 def test_tracker_problems_never_show_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
