@@ -19,7 +19,7 @@ from bridge.config import Config, ConfigError, load_config, resolve_config_path
 from bridge.enrich import explain as explain_event
 from bridge.logs import configure
 from bridge.mapping import BadParameter, build_conversion
-from bridge.store import Store, StoreUnavailable
+from bridge.store import Recorded, Store, StoreUnavailable, rebill_event_id, repeat_of
 from bridge.tiktok import TikTokClient, build_payload
 from bridge.web import decode_pairs
 
@@ -65,8 +65,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def explain(config: Config, url: str, click: Any = None, now: float | None = None) -> dict[str, Any]:
-    """What the bridge would do with a postback URL: rejected, ignored, or the event it would send."""
+def explain(
+    config: Config, url: str, click: Any = None, same: Recorded | None = None, now: float | None = None
+) -> dict[str, Any]:
+    """What the bridge would do with a postback URL: rejected, ignored, a duplicate, or the event it
+    would send. `click` and `same` (the click's recorded conversions of the event, see store.repeat_of)
+    come from the database; `same` None: not known."""
     now = time.time() if now is None else now
     parts = urlsplit(url)
     segments = [s for s in parts.path.split("/") if s]
@@ -103,15 +107,24 @@ def explain(config: Config, url: str, click: Any = None, now: float | None = Non
         return {"result": "rejected", "status": 400, "why": str(exc)}
     if conversion.event is None:
         return {"result": "ignored", "reason": conversion.ignored_reason, "status_value": conversion.status}
+    repeat = repeat_of(same or (), conversion.transaction_id)
+    if repeat is not None:
+        return {
+            "result": "duplicate",
+            "conversion_id": repeat[1],
+            "event_id": repeat[2],
+            "why": "this conversion is recorded already; nothing new would be sent",
+        }
     row = {
         **{field: getattr(conversion, field) for field in conversion.__dataclass_fields__},
-        "event_id": conversion.event_id,
+        "event_id": rebill_event_id(same or (), conversion.transaction_id, conversion.event_id),
     }
     prepared = explain_event(row, click)
     pixel = config.route_pixel(prepared.pixel_refs)
     result: dict[str, Any] = {
         "result": "accepted",
         "tracker": tracker.name,
+        "click_id": conversion.click_id,
         "pixel": pixel,
         "pixel_code": config.pixel(pixel).code,
         "click_found": click is not None,
@@ -124,7 +137,7 @@ def explain(config: Config, url: str, click: Any = None, now: float | None = Non
         )
     if conversion.dropped:
         result["dropped"] = list(conversion.dropped)
-    if conversion.transaction_id:
+    if conversion.transaction_id and same is None:
         result["note"] = (
             "if this click already has this event with another transaction id, "
             f"the event_id gets the suffix _{conversion.transaction_id}"
@@ -132,18 +145,25 @@ def explain(config: Config, url: str, click: Any = None, now: float | None = Non
     return result
 
 
-async def _find_click(config: Config, click_id: str) -> Any:
+def _recorded(config: Config, click_id: str, tracker: str, event: str | None) -> tuple[Any, list[Any] | None]:
+    """The stored click, and the click's conversions of this event (None without a database)."""
     if not config.db_path.exists():
-        return None
+        return None, None
     import sqlite3
 
     # Read-only: explain writes nothing.
     db = sqlite3.connect(f"file:{config.db_path}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
-        return db.execute("SELECT * FROM clicks WHERE click_id = ?", (click_id,)).fetchone()
+        click = db.execute("SELECT * FROM clicks WHERE click_id = ?", (click_id,)).fetchone()
+        same = db.execute(
+            "SELECT transaction_id, id, event_id FROM conversions"
+            " WHERE tracker = ? AND click_id = ? AND event = ? ORDER BY id",
+            (tracker, click_id, event),
+        ).fetchall()
+        return click, [tuple(row) for row in same]
     except sqlite3.Error:
-        return None
+        return None, None
     finally:
         db.close()
 
@@ -152,12 +172,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     config = _config(args)
     result = explain(config, args.url)
     if result["result"] == "accepted":
-        tracker = config.trackers[result["tracker"]]
-        params = dict(parse_qsl(urlsplit(args.url).query))
-        click_id = params.get(tracker.params["click_id"], "")
-        click = asyncio.run(_find_click(config, click_id.strip()))
-        if click is not None:
-            result = explain(config, args.url, click=click)
+        click, same = _recorded(config, result["click_id"], result["tracker"], result["event"]["event"])
+        result = explain(config, args.url, click=click, same=same)
     print(json.dumps(result, indent=2))
     return 0 if result["result"] != "rejected" else 1
 

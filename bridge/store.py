@@ -759,6 +759,24 @@ def _write_group(
     return results
 
 
+# A click's conversions of one event, as (transaction_id, conversion id, event_id), oldest first.
+Recorded = Sequence[tuple[str, int, str]]
+
+
+def repeat_of(same: Recorded, transaction_id: str) -> tuple[str, int, str] | None:
+    """The recorded conversion that a new one of the same click and event repeats, if any: the one
+    with its transaction id, or without one, the click's first."""
+    if transaction_id == "":
+        return same[0] if same else None
+    return next((s for s in same if s[0] == transaction_id), None)
+
+
+def rebill_event_id(same: Recorded, transaction_id: str, event_id: str | None) -> str | None:
+    """A rebill (the event again, with another transaction id) gets `_{transaction_id}` appended, or
+    TikTok would dedupe it away as a repeat of the first."""
+    return f"{event_id}_{transaction_id}" if transaction_id != "" and same else event_id
+
+
 def _insert_conversions(
     db: sqlite3.Connection, conversions: list[Conversion], now: float
 ) -> dict[int, Ingested]:
@@ -793,15 +811,11 @@ def _insert_conversions(
         if conv.event is not None:
             same = known.setdefault((conv.tracker, conv.click_id, conv.event), [])
             tid = conv.transaction_id
-            if tid == "":
-                repeat = same[0] if same else None
-            else:
-                repeat = next((s for s in same if s[0] == tid), None)
+            repeat = repeat_of(same, tid)
             if repeat is not None:
                 results[id(conv)] = Ingested("duplicate", repeat[1], repeat[2])
                 continue
-            if tid != "" and same:
-                event_id = f"{event_id}_{tid}"
+            event_id = rebill_event_id(same, tid, event_id)
             same.append((tid, next_id, event_id))
             state, result = PENDING, Ingested("accepted", next_id, event_id)
         results[id(conv)] = result

@@ -185,6 +185,34 @@ async def test_explain_reads_the_click_from_the_database(
     assert result["event"]["user"]["ttclid"] == "E.C.P.stored"
 
 
+async def test_explain_knows_a_duplicate_and_a_rebill_from_the_database(
+    bridge: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, first = await bridge.postback("keitaro", subid="rb1", status="sale", tid="T-1", external_id="E.C.P.rb")
+
+    async def explained(query: str) -> dict[str, Any]:
+        code, out, _ = await asyncio.to_thread(
+            run_cli, capsys, "explain", "-c", str(bridge.config.path), f"/postback/keitaro?{query}"
+        )
+        assert code == 0, out
+        # The bridge's own log lines share stdout here; explain prints one indented JSON object.
+        start = out.index("{\n")
+        return json.JSONDecoder().raw_decode(out, start)[0]
+
+    # The listener would answer "duplicate" and send nothing: so does explain.
+    repeat = await explained("subid=rb1&status=sale&tid=T-1")
+    assert repeat["result"] == "duplicate"
+    assert (repeat["conversion_id"], repeat["event_id"]) == (first["conversion_id"], "rb1_Purchase")
+    assert (await explained("subid=rb1&status=sale"))["result"] == "duplicate"
+    # Another transaction id: a rebill, with the suffix the listener would give it.
+    rebill = await explained("subid=rb1&status=sale&tid=T-2&external_id=E.C.P.rb")
+    assert rebill["result"] == "accepted"
+    assert rebill["event"]["event_id"] == "rb1_Purchase_T-2"
+    assert "note" not in rebill
+    _, sent = await bridge.postback("keitaro", subid="rb1", status="sale", tid="T-2", external_id="E.C.P.rb")
+    assert sent["event_id"] == rebill["event"]["event_id"]
+
+
 def test_config_option_works_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = base_settings()
     settings["tiktok"]["batch_size"] = 0
