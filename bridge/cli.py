@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -366,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        sys.stdout.flush()  # here, not at exit, where a reader that has gone would get a traceback
+        return code
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -374,6 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, StoreUnavailable) as exc:
         print(f"postback-bridge: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Output piped into `head` or a pager that quit: the reader has what it wanted. Nothing to say,
+        # and what is still buffered must not fail once more at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"postback-bridge: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -334,6 +334,9 @@ async def click(request: web.Request) -> web.Response:
     except BadParameter as exc:
         metrics.inc(metrics.clicks, "rejected")
         return _json(400, {"error": str(exc)}, CORS_HEADERS)
+    except web.HTTPRequestEntityTooLarge:  # with the CORS headers, so the page's script can read it
+        metrics.inc(metrics.clicks, "rejected")
+        return _json(413, {"error": f"request body larger than {MAX_BODY} bytes"}, CORS_HEADERS)
     try:
         await runtime.store.add_click(registration)
     except StoreUnavailable as exc:
@@ -475,7 +478,9 @@ def create_app(runtime: Runtime) -> web.Application:
         ("OPTIONS", "/click", click_preflight),
         ("GET", "/bridge.js", snippet),
         ("GET", "/healthz", healthz),
+        ("HEAD", "/healthz", healthz),  # uptime checkers often ask with HEAD
         ("GET", "/readyz", readyz),
+        ("HEAD", "/readyz", readyz),
         ("GET", "/metrics", metrics_view),
     ]
     for method, path, handler in routes:

@@ -213,6 +213,21 @@ async def test_explain_knows_a_duplicate_and_a_rebill_from_the_database(
     assert sent["event_id"] == rebill["event"]["event_id"]
 
 
+def test_output_into_a_reader_that_has_gone_ends_quietly() -> None:
+    # `postback-bridge stats | head -1`: head exits before the command has written everything.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "check-config", "-c", str(REPO / "config" / "bridge.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert err == ""
+
+
 def test_config_option_works_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = base_settings()
     settings["tiktok"]["batch_size"] = 0

@@ -260,6 +260,15 @@ async def test_healthz_stays_open_to_everyone(make_bridge: BridgeFactory) -> Non
     assert (await bridge.client.get("/healthz")).status == 200
 
 
+async def test_health_and_readiness_answer_head_requests(bridge: Bridge) -> None:
+    # What uptime checkers often send.
+    for path in ("/healthz", "/readyz"):
+        resp = await bridge.client.head(path)
+        assert resp.status == 200, path
+    bridge.runtime.worker_running = False
+    assert (await bridge.client.head("/readyz")).status == 503
+
+
 # -- /readyz --------------------------------------------------------------------------------------------
 
 

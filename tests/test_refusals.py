@@ -375,6 +375,16 @@ async def test_body_over_64_kib_is_413(bridge: Bridge) -> None:
     assert await nothing_kept(bridge)
 
 
+async def test_click_body_over_64_kib_is_413_that_the_page_can_read(bridge: Bridge) -> None:
+    raw = b"click_id=c413&pad=" + b"x" * (64 * 1024)
+    resp = await bridge.client.post("/click", data=raw, headers={"Content-Type": "text/plain"})
+
+    assert resp.status == 413
+    assert await resp.json() == {"error": "request body larger than 65536 bytes"}
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+    assert await nothing_kept(bridge)
+
+
 async def test_compressed_body_that_inflates_past_64_kib_is_413(bridge: Bridge) -> None:
     bomb = gzip.compress(b"status=sale&subid=clk-1&pad=" + b"0" * 5_000_000)
     status, _ = await post(
