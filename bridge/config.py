@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import phonenumbers
+import pycountry
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -65,6 +66,8 @@ STANDARD_EVENTS = frozenset(
     }
 )
 
+# ISO 4217 currency codes: TikTok refuses an event with any other, and one refused event fails its batch.
+CURRENCIES = frozenset(currency.alpha_3 for currency in pycountry.currencies)
 TRACKER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _VAR_HEAD = re.compile(r"\$\{[A-Za-z0-9_]{0,32}.?")
@@ -233,7 +236,7 @@ class TrackerConfig(_Model):
     @field_validator("default_currency")
     @classmethod
     def _currency(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z]{3}", value):
+        if value.upper() not in CURRENCIES:
             raise ValueError("must be a three-letter ISO 4217 code")
         return value.upper()
 

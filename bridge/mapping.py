@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bridge.config import TrackerConfig
+from bridge.config import CURRENCIES, TrackerConfig
 from bridge.matching import HashedIdentifiers, hash_identifiers, scrub_url
 
 # Longest value accepted per canonical field; anything longer is a 400 naming the field.
@@ -42,7 +42,6 @@ _MACRO_FIRST = frozenset("${_#%")
 # ASCII digits only: float() would also take "١٢٣", "1_000", "nan" and "inf".
 _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$", re.ASCII)
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d{1,2}$", re.ASCII)
-_CURRENCY = re.compile(r"^[A-Za-z]{3}$")
 # An IPv4 address already in canonical form (no leading zeros), which ipaddress would return unchanged.
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
@@ -140,9 +139,10 @@ def parse_value(text: str | None) -> float | None:
 def parse_currency(text: str | None, default: str) -> str:
     if text is None:
         return default
-    if not _CURRENCY.match(text):
+    code = text.upper()
+    if code not in CURRENCIES:
         raise BadParameter("currency", f"not a three-letter ISO 4217 code: {text[:16]!r}")
-    return text.upper()
+    return code
 
 
 def parse_event_time(text: str | None, received_at: float) -> int:

@@ -361,6 +361,15 @@ def test_event_id_template_with_a_format_spec_is_an_error(
     assert problem.startswith(f"{file}: event_id: fields take no format spec or conversion")
 
 
+def test_tracker_default_currency_must_be_an_iso_4217_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file, code, problems = tracker_problems(tmp_path, capsys, default_currency="ZZZ")
+
+    assert code == 2
+    assert problems == [f"{file}: default_currency: must be a three-letter ISO 4217 code"]
+
+
 def test_tracker_unset_environment_variable_names_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -226,7 +226,7 @@ async def test_a_status_never_sent_is_recorded_without_the_fields_that_do_not_pa
     assert bridge.fake.requests == []
 
 
-@pytest.mark.parametrize("currency", ["US", "USDT", "U$D", "123", "€€€", "dollars"])
+@pytest.mark.parametrize("currency", ["US", "USDT", "U$D", "123", "€€€", "dollars", "ZZZ", "usx"])
 async def test_currency_that_is_not_three_letters_is_400_naming_currency(
     bridge: Bridge, currency: str
 ) -> None:
