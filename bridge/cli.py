@@ -224,14 +224,19 @@ def cmd_failed(args: argparse.Namespace) -> int:
                     print("no failed events")
                 else:
                     for item in items:
+                        code = "" if item["last_code"] is None else f"[{item['last_code']}] "
                         print(
                             f"{item['id']}\t{item['tracker']}\t{item['event']}\t{item['event_id']}\t"
                             f"pixel={item['sent_pixel']}\tattempts={item['attempts']}\t"
-                            f"[{item['last_code']}] {item['last_error']}"
+                            f"{code}{item['last_error']}"
                         )
                 return 0
-            if args.all == bool(args.ids):
-                raise CommandError("failed retry: give conversion IDs or --all (not both)")
+            if args.all and args.ids:
+                raise CommandError("failed retry: give conversion IDs or --all, not both")
+            if not args.all and not args.ids:
+                raise CommandError(
+                    "failed retry: give the conversion IDs to retry (see failed list), or --all"
+                )
             if args.all:
                 count = await store.requeue_failed(None, time.time())
             else:

@@ -874,7 +874,9 @@ UPDATE conversions SET
     state = ?2, next_attempt_at = ?3,
     attempts = attempts + ?4,
     sent_pixel = COALESCE(?5, sent_pixel),
-    last_code = COALESCE(?6, last_code),
+    -- Code and message describe one answer: an answer without a code (HTTP 502, a timeout) does not
+    -- leave the code of an earlier one beside its message. An outcome without an answer keeps both.
+    last_code = CASE WHEN ?6 IS NOT NULL OR ?7 IS NOT NULL THEN ?6 ELSE last_code END,
     last_error = CASE WHEN ?2 IN ('delivered', 'delivered_dry_run') THEN NULL
                       ELSE COALESCE(?7, last_error) END,
     request_id = COALESCE(?8, request_id),

@@ -442,7 +442,13 @@ class Worker:
         return self._retry(item, pixel, answer, now + self.backoff.delay(attempts, self.rand()), count=True)
 
     async def _load_health(self) -> None:
-        """What the previous run learnt about each pixel, so a recovery after a restart is recorded."""
+        """What the previous run learnt about each pixel, so a recovery after a restart is recorded.
+
+        A pixel the previous run held (TikTok refused its token) is tried again at once: a restart is
+        how a token fixed in the environment file takes effect, and its events must not wait out the
+        slow probe the previous run scheduled. Still refused, it is held again after one request.
+        """
+        held = []
         for row in await self.runtime.store.fetchall(
             "SELECT pixel, healthy, last_code, last_error, updated_at FROM pixel_status"
         ):
@@ -453,7 +459,12 @@ class Worker:
                     last_code=row["last_code"],
                     since=row["updated_at"],
                 )
+                if not row["healthy"] and row["pixel"] in self.runtime.config.settings.pixels:
+                    held.append(row["pixel"])
         self._health_loaded = True
+        if held:
+            waiting = await self.runtime.store.make_due(self.clock(), held)
+            log.info("pixels held before the start are tried again now", pixels=held, events=waiting)
 
     async def _set_health(self, pixel: str, healthy: bool, answer: Answer, now: float) -> None:
         health = self.runtime.pixel_health(pixel)

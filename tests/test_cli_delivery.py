@@ -241,4 +241,9 @@ async def test_failed_retry_needs_ids_or_all(bridge: Bridge, capsys: pytest.Capt
     code, _, err = await cli(capsys, bridge, "failed", "retry")
 
     assert code != 0
-    assert len(err.splitlines()) == 1 and "--all" in err
+    assert (
+        err == "postback-bridge: failed retry: give the conversion IDs to retry (see failed list), or --all\n"
+    )
+    code, _, err = await cli(capsys, bridge, "failed", "retry", "--all", "1")
+    assert code != 0
+    assert err == "postback-bridge: failed retry: give conversion IDs or --all, not both\n"

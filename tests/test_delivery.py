@@ -6,13 +6,15 @@ import itertools
 import random
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 from yarl import URL
 
 from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
-from bridge.worker import LEASE_SECONDS
+from bridge.runtime import Runtime
+from bridge.worker import LEASE_SECONDS, Worker
 from tests.conftest import MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
 
 # tiktok.timeout for these tests: a hanging TikTok is given up on quickly.
@@ -107,6 +109,38 @@ async def test_after_max_attempts_the_event_fails_with_the_last_error(make_bridg
     assert row["last_error"] == "gave up after 3 attempts: Internal error"
     assert await bridge.store.next_due_at() is None
     assert bridge.fake.received == []
+
+
+async def test_a_dead_letter_keeps_the_code_and_message_of_one_answer(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 2}))
+    bridge.fake.fail_next(1, "50002")
+    bridge.fake.fail_next(1, "502html")  # the last answer has no code of TikTok's
+    conversion_id = await lead(bridge, "t4")
+
+    await bridge.deliver()
+    await retry_when_due(bridge)
+
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["last_code"]) == ("failed", None)
+    assert row["last_error"] == "gave up after 2 attempts: HTTP 502"
+
+
+async def test_a_pixel_held_before_a_restart_is_tried_again_at_once(bridge: Bridge) -> None:
+    bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
+    held = [await lead(bridge, f"r{i}", pixel=SECOND_CODE) for i in range(2)]
+    await bridge.deliver()
+    assert bridge.fake.event_ids() == []
+
+    # The token is fixed in the environment file and the daemon restarted: a new process, whose
+    # worker knows only what the database says.
+    bridge.fake.set_token(SECOND_CODE, SECOND_TOKEN)
+    async with aiohttp.ClientSession() as session:
+        restarted = Worker(Runtime(config=bridge.config, store=bridge.store), session, clock=bridge.clock)
+        await restarted.run_once()
+
+    assert sorted(bridge.fake.event_ids()) == ["r0_Lead", "r1_Lead"]
+    assert [await state_of(bridge, i) for i in held] == ["delivered"] * 2
+    assert restarted.runtime.pixel_health("second").healthy
 
 
 async def test_rate_limit_answers_never_use_up_attempts(make_bridge: BridgeFactory) -> None:
