@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -382,7 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, StoreUnavailable) as exc:
         print(f"postback-bridge: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if args.func is cmd_run:
+            # The daemon's log stream is gone: a failure, for systemd to restart it.
+            with contextlib.suppress(OSError):
+                print(f"postback-bridge: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         # Output piped into `head` or a pager that quit: the reader has what it wanted. Nothing to say,
         # and what is still buffered must not fail once more at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -70,7 +70,7 @@ STANDARD_EVENTS = frozenset(
 CURRENCIES = frozenset(currency.alpha_3 for currency in pycountry.currencies)
 TRACKER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_VAR_HEAD = re.compile(r"\$\{[A-Za-z0-9_]{0,32}.?")
+_SHELL_VARIABLE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(Exception):
@@ -95,9 +95,19 @@ def _networks(value: Any) -> Any:
     if not isinstance(value, list):
         raise ValueError("must be a list of CIDRs")
     try:
-        return [ipaddress.ip_network(str(item), strict=False) for item in value]
+        networks = [ipaddress.ip_network(str(item), strict=False) for item in value]
     except ValueError as exc:
         raise ValueError(f"not a CIDR: {exc}") from None
+    return [_plain_network(network) for network in networks]
+
+
+def _plain_network(network: Network) -> Network:
+    """`::ffff:10.0.0.0/104` as the IPv4 network it is: client addresses so written are compared as
+    IPv4 (mapping.plain_address), so the networks they are checked against must be IPv4 too."""
+    mapped = network.network_address.ipv4_mapped if isinstance(network, ipaddress.IPv6Network) else None
+    if mapped is None or network.prefixlen < 96:
+        return network
+    return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
 
 
 class ServerConfig(_Model):
@@ -317,25 +327,36 @@ def resolve_config_path(arg: str | None, environ: Mapping[str, str] | None = Non
     return Path(arg or environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
-def expand_env(value: Any, environ: Mapping[str, str], where: str, problems: list[str]) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
+def expand_env(
+    value: Any, environ: Mapping[str, str], where: str, problems: list[str], warnings: list[str] | None = None
+) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree.
+
+    Nothing of a value is quoted in a problem or warning: it may be a token or a key."""
     if isinstance(value, dict):
         return {
-            k: expand_env(v, environ, f"{where}.{k}" if where else str(k), problems) for k, v in value.items()
+            k: expand_env(v, environ, f"{where}.{k}" if where else str(k), problems, warnings)
+            for k, v in value.items()
         }
     if isinstance(value, list):
-        return [expand_env(v, environ, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return [expand_env(v, environ, f"{where}[{i}]", problems, warnings) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
     # Any other shell form (`${NAME-default}`, `${NAME:=x}`) would be kept as text, and a token or key
-    # would be sent as that text. Named by its head only: what follows may be a secret.
+    # would be sent as that text.
     expanded = {match.start() for match in _VAR.finditer(value)}
-    for other in _VAR_HEAD.finditer(value):
-        if other.start() not in expanded:
+    for start in (found.start() for found in re.finditer(r"\$\{", value)):
+        if start not in expanded:
             problems.append(
-                f"{where}: {other.group()!r}... is not expanded: only ${{NAME}} and ${{NAME:-default}} are"
+                f"{where}: the '${{' at character {start + 1} is not expanded: only ${{NAME}} and"
+                " ${NAME:-default} are"
             )
+    if warnings is not None and _SHELL_VARIABLE.fullmatch(value):
+        # Judged as written, not as expanded: a variable's value may look like this too.
+        warnings.append(
+            f"{where}: a value of the form $NAME is taken as it is; write ${{NAME}} to use the variable"
+        )
 
     def sub(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -374,11 +395,12 @@ class _SafeUniqueLoader(yaml.SafeLoader):
 
 
 def _read_yaml(
-    path: Path, environ: Mapping[str, str], problems: list[str], blamed: set[str]
+    path: Path, environ: Mapping[str, str], problems: list[str], blamed: set[str], warnings: list[str]
 ) -> dict[str, Any] | None:
     """The file's mapping with variables expanded; None if it cannot be read or parsed. A key whose
-    variable could not be expanded is reported here and added to `blamed` (as `<path>: <key>: `), so
-    that what its empty value makes of it later is not reported twice."""
+    variable could not be expanded is reported here and added to `blamed` (as `<path>: <key>: `, and
+    for a list's item the list's key too), so that what its empty value makes of it later is not
+    reported twice."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -404,13 +426,17 @@ def _read_yaml(
         problems.append(f"{path}: must be a mapping of keys to values")
         return None
     errors: list[str] = []
+    noticed: list[str] = []
     try:
-        data = expand_env(data, environ, "", errors)
+        data = expand_env(data, environ, "", errors, noticed)
     except RecursionError:
         problems.append(f"{path}: YAML nests too deeply (or an alias refers to itself)")
         return None
     problems.extend(f"{path}: {e}" for e in errors)
-    blamed.update(f"{path}: {e.partition(': ')[0]}: " for e in errors)
+    warnings.extend(f"{path}: {w}" for w in noticed)
+    for error in errors:
+        key = error.partition(": ")[0]
+        blamed.update({f"{path}: {key}: ", f"{path}: {key.partition('[')[0]}: "})
     return data
 
 
@@ -435,7 +461,8 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     def unblamed(lines: Iterable[str]) -> list[str]:
         return [line for line in lines if not any(line.startswith(key) for key in blamed)]
 
-    raw = _read_yaml(path, environ, problems, blamed)
+    warnings: list[str] = []
+    raw = _read_yaml(path, environ, problems, blamed, warnings)
     if raw is None:
         raise ConfigError(problems)
     try:
@@ -444,18 +471,19 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError(problems + unblamed(_validation_problems(path, exc))) from None
     problems.extend(unblamed(_settings_problems(path, settings)))
 
-    warnings: list[str] = _shell_variable_warnings(path, raw)
     trackers: dict[str, TrackerConfig] = {}
     origin: dict[str, Path] = {}
     trackers_dir = _relative_to(path, settings.trackers_dir)
-    if not trackers_dir.is_dir():
+    if f"{path}: trackers_dir: " in blamed:
+        pass  # its variable is unset: read from the config's own directory, every file would be wrong
+    elif not trackers_dir.is_dir():
         problems.append(f"{path}: trackers_dir: {trackers_dir} is not a directory")
     else:
         warnings.extend(
             f"{file}: not read: tracker files end in .yaml" for file in sorted(trackers_dir.glob("*.yml"))
         )
         for file in sorted(trackers_dir.glob("*.yaml")):
-            data = _read_yaml(file, environ, problems, blamed)
+            data = _read_yaml(file, environ, problems, blamed, warnings)
             if data is None:
                 continue
             try:
@@ -470,7 +498,6 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
             warnings.extend(_custom_event_warnings(file, tracker))
             warnings.extend(unblamed(_open_tracker_warnings(file, tracker, settings)))
             warnings.extend(_tracker_warnings(file, tracker))
-            warnings.extend(_shell_variable_warnings(file, data))
             trackers[tracker.name] = tracker
             origin[tracker.name] = file
     if problems:
@@ -517,24 +544,6 @@ def _open_tracker_warnings(file: Path, tracker: TrackerConfig, settings: Setting
         f"{file}: key: empty and allow_ips empty, so anyone who finds /postback/{tracker.name} "
         "can report conversions; set a key (or allow_ips)"
     ]
-
-
-_SHELL_VARIABLE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _shell_variable_warnings(file: Path, value: Any, where: str = "") -> list[str]:
-    """A value that is all `$NAME`: most likely meant as ${NAME}, which alone is expanded."""
-    if isinstance(value, dict):
-        return [
-            w
-            for k, v in value.items()
-            for w in _shell_variable_warnings(file, v, f"{where}.{k}" if where else str(k))
-        ]
-    if isinstance(value, list):
-        return [w for i, v in enumerate(value) for w in _shell_variable_warnings(file, v, f"{where}[{i}]")]
-    if isinstance(value, str) and _SHELL_VARIABLE.fullmatch(value):
-        return [f"{file}: {where}: {value!r} is taken as it is; write ${{{value[1:]}}} to use the variable"]
-    return []
 
 
 # What a URL's query carries as it is; any other character of a key has to be percent-encoded in the

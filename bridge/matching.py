@@ -143,7 +143,9 @@ _EMAIL_LIKE = re.compile(r"[^\s@]@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
 # Tokelau's have 7), perhaps grouped by spaces, dots, dashes or brackets. (A number written without its
 # country code cannot be told apart from an id or a timestamp by its value; only its parameter's name
 # gives it away.)
-_PHONE_LIKE = re.compile(r"\+[\s(]*\d(?:[\s().-]*\d){6,14}(?!\d)")
+# Not after a letter or digit, nor before one: in `US+Lead+2024-05-15` or `abc+12345678xyz` the '+' is
+# an encoded space or part of a token.
+_PHONE_LIKE = re.compile(r"(?<![0-9A-Za-z])\+[\s(]*\d(?:[\s().-]*\d){6,14}(?![0-9A-Za-z])")
 
 
 def _carries_pii(text: str) -> bool:

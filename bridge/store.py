@@ -163,6 +163,7 @@ class Outcome:
     error: str | None = None
     request_id: str | None = None
     match_keys: str | None = None
+    answered: bool = False  # from TikTok's answer (or its absence): code and error describe that answer
 
 
 # A group is written with one statement per table, stepped once per row, and the decisions an insert
@@ -464,6 +465,7 @@ class Store:
                 o.request_id,
                 o.match_keys,
                 finished_at,
+                o.answered,
             )
             groups.setdefault(key, []).append(o.id)
         # The worker gives each claimed event one outcome per cycle, so the groups' order does not matter.
@@ -875,8 +877,9 @@ UPDATE conversions SET
     attempts = attempts + ?4,
     sent_pixel = COALESCE(?5, sent_pixel),
     -- Code and message describe one answer: an answer without a code (HTTP 502, a timeout) does not
-    -- leave the code of an earlier one beside its message. An outcome without an answer keeps both.
-    last_code = CASE WHEN ?6 IS NOT NULL OR ?7 IS NOT NULL THEN ?6 ELSE last_code END,
+    -- leave the code of an earlier one beside its message. An outcome without an answer (a wait, an
+    -- expiry) keeps the last answer's code.
+    last_code = CASE WHEN ?11 THEN ?6 ELSE COALESCE(?6, last_code) END,
     last_error = CASE WHEN ?2 IN ('delivered', 'delivered_dry_run') THEN NULL
                       ELSE COALESCE(?7, last_error) END,
     request_id = COALESCE(?8, request_id),

@@ -412,6 +412,7 @@ class Worker:
             error=answer.message if answer and state == FAILED else None,
             request_id=answer.request_id if answer else None,
             match_keys=item["match_keys"],
+            answered=answer is not None,
         )
 
     def _retry(self, item: Item, pixel: str, answer: Answer | None, at: float, *, count: bool) -> Outcome:
@@ -424,6 +425,7 @@ class Worker:
             code=answer.code if answer else None,
             error=answer.message if answer else None,
             match_keys=item["match_keys"],
+            answered=answer is not None,
         )
 
     def _wait(self, item: Item, pixel: str, until: float) -> Outcome:

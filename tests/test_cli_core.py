@@ -14,6 +14,7 @@ import pytest
 from bridge.cli import main
 from bridge.matching import sha256_hex
 from tests.conftest import MAIN_CODE, REPO, SECOND_CODE, base_settings, write_config
+from tests.daemon_proc import free_port
 
 
 @pytest.fixture
@@ -226,6 +227,25 @@ def test_output_into_a_reader_that_has_gone_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert err == ""
+
+
+def test_the_daemon_whose_log_stream_is_gone_exits_as_a_failure(tmp_path: Path) -> None:
+    # systemd restarts a unit that fails (Restart=on-failure), not one that exits 0.
+    settings = base_settings()
+    settings["server"]["port"] = free_port()
+    path = write_config(tmp_path, settings)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "run", "-c", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    try:
+        assert proc.wait(timeout=60) == 1
+    finally:
+        proc.kill()
 
 
 def test_config_option_works_before_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def test_unset_environment_variable_names_the_key(
 
 
 @pytest.mark.parametrize("written", ["${BRIDGE_TEST_TOKEN-fallback}", "${BRIDGE_TEST_TOKEN:=x}", "a${B C}"])
-def test_a_shell_form_that_is_not_expanded_is_an_error_that_hides_what_follows(
+def test_a_shell_form_that_is_not_expanded_is_an_error_that_quotes_nothing(
     tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str], written: str
 ) -> None:
     # Kept as text, the token would be sent to TikTok as it is written.
@@ -168,9 +169,11 @@ def test_a_shell_form_that_is_not_expanded_is_an_error_that_hides_what_follows(
 
     assert code == 2
     [problem] = problems
-    assert problem.startswith(f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: '${{")
-    assert problem.endswith("is not expanded: only ${NAME} and ${NAME:-default} are")
-    assert "fallback" not in problem
+    at = written.index("${") + 1
+    assert problem == (
+        f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: the '${{' at character {at} is not expanded:"
+        " only ${NAME} and ${NAME:-default} are"
+    )
 
 
 def test_an_unset_variable_does_not_hide_the_other_problems(
@@ -426,11 +429,70 @@ def test_a_value_written_as_a_shell_variable_is_warned_about(
     warnings = warnings_of(path, capsys)
 
     assert warnings == [
-        f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: '$TIKTOK_TOKEN' is taken as it is;"
-        " write ${TIKTOK_TOKEN} to use the variable",
-        f"{tmp_path / 'trackers' / 'other.yaml'}: key: '$KEITARO_KEY' is taken as it is;"
-        " write ${KEITARO_KEY} to use the variable",
+        f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: a value of the form $NAME is taken as it is;"
+        " write ${NAME} to use the variable",
+        f"{tmp_path / 'trackers' / 'other.yaml'}: key: a value of the form $NAME is taken as it is;"
+        " write ${NAME} to use the variable",
     ]
+
+
+def test_a_variable_whose_value_looks_like_one_is_neither_warned_about_nor_shown(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    secret = "$abcTOKEN123"
+    settings["pixels"]["main"]["access_token"] = "${BRIDGE_TEST_TOKEN}"
+    path = write(tmp_path, settings)
+
+    # A subprocess: the variable is read from its environment, as the daemon reads it.
+    config_out = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "BRIDGE_TEST_TOKEN": secret},
+    )
+
+    assert config_out.returncode == 0
+    assert config_out.stderr == ""
+    assert secret not in config_out.stdout
+
+
+def test_an_unset_trackers_dir_is_one_problem_not_every_file_around(
+    tmp_path: Path,
+    settings: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Empty, trackers_dir would be the config's own directory, where bridge.yaml is no tracker file.
+    monkeypatch.delenv("BRIDGE_TEST_UNSET_DIR", raising=False)
+    settings["trackers_dir"] = "${BRIDGE_TEST_UNSET_DIR}"
+    path = write(tmp_path, settings)
+    (tmp_path / "stray.yaml").write_text("name: stray\n")
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    assert problems == [
+        f"{path}: trackers_dir: environment variable BRIDGE_TEST_UNSET_DIR is not set"
+        " (use ${BRIDGE_TEST_UNSET_DIR:-default} for a default)"
+    ]
+
+
+def test_an_unset_variable_in_a_list_is_reported_once(
+    tmp_path: Path,
+    settings: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BRIDGE_TEST_UNSET_PROXY", raising=False)
+    settings["server"]["trusted_proxies"] = ["127.0.0.1/32", "${BRIDGE_TEST_UNSET_PROXY}"]
+
+    code, problems = check_config(write(tmp_path, settings), capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert "server.trusted_proxies[1]: environment variable BRIDGE_TEST_UNSET_PROXY is not set" in problem
 
 
 def test_tracker_problems_never_show_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -353,6 +353,9 @@ async def test_an_event_that_grows_too_old_while_retrying_expires(make_bridge: B
 
     assert await state_of(bridge, conversion_id) == "expired"
     assert len(bridge.fake.requests) == 1
+    # The last answer's code stays beside the expiry: the one clue to why it never went through.
+    row = await bridge.row(conversion_id)
+    assert (row["last_code"], row["last_error"]) == (50002, "older than delivery.max_event_age")
 
 
 async def test_an_outage_probe_does_not_bring_forward_an_event_already_on_its_way(bridge: Bridge) -> None:

@@ -327,6 +327,10 @@ def test_hash_identifiers_agrees_with_individual_hashers(
         "https://lp.example/p?q=a+b%20c&hotel=2&is_mobile=1&handle=%40someone",
         # Digits alone are ids, prices and timestamps; a '+' before a few digits is a sign.
         "https://lp.example/p?ad=1790000000000000001&ts=1764000000&price=%2B5&q=size+10",
+        # A '+' after a letter or digit is an encoded space or part of a token, not a phone number's.
+        "https://lp.example/p?utm_campaign=US+Lead+2024-05-15&c=Spring+Sale+20240515&p=Promo+05.15.2024",
+        "https://lp.example/p?q=order+12345678&utm_content=ad+1234567890&adset=Broad+18-65+2405151",
+        "https://lp.example/c/men+2024-05-15/item?sig=abc%2B12345678xyz",
     ],
 )
 def test_url_without_email_or_phone_is_kept_exactly(url: str) -> None:

@@ -161,6 +161,18 @@ async def test_source_inside_allow_ips_is_accepted(make_bridge: BridgeFactory) -
     assert body["result"] == "accepted"
 
 
+async def test_allow_ips_written_as_ipv4_mapped_ipv6_still_allow_ipv4_sources(
+    make_bridge: BridgeFactory,
+) -> None:
+    mapped = {**GUARDED, "name": "mapped", "allow_ips": ["::ffff:127.0.0.0/104"]}
+    bridge = await make_bridge(trackers={"mapped": mapped})
+
+    status, body = await bridge.postback("mapped", subid="clk-1", status="sale")
+
+    assert status == 200
+    assert body["result"] == "accepted"
+
+
 async def test_unknown_tracker_is_404(bridge: Bridge) -> None:
     status, body = await bridge.postback("nosuch", **SALE)
 
