@@ -153,7 +153,8 @@ def _carries_pii(text: str) -> bool:
     # Decoded repeatedly: a URL nested in a parameter is encoded once more (`bob%2540example.com`).
     # Tried before decoding too: there a phone's '+' is still a '+', not the space it decodes to.
     for _ in range(4):
-        if _EMAIL_LIKE.search(text) or _PHONE_LIKE.search(text):
+        # The `in` tests spare the regexes most values, which have neither an '@' nor a '+'.
+        if ("@" in text and _EMAIL_LIKE.search(text)) or ("+" in text and _PHONE_LIKE.search(text)):
             return True
         decoded = unquote_plus(text)
         if decoded == text:
