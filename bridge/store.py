@@ -163,7 +163,7 @@ class Outcome:
     error: str | None = None
     request_id: str | None = None
     match_keys: str | None = None
-    answered: bool = False  # from TikTok's answer (or its absence): code and error describe that answer
+    answered: bool = False  # a request's outcome: code and error are its answer's (a timeout is one too)
 
 
 # A group is written with one statement per table, stepped once per row, and the decisions an insert

@@ -61,7 +61,7 @@ def _plain(address: str | None) -> str | None:
     if address is None or ":" not in address:  # IPv4, as most clients are: nothing to unwrap
         return address
     try:
-        return str(plain_address(ipaddress.ip_address(address or "")))
+        return str(plain_address(ipaddress.ip_address(address)))
     except ValueError:
         return address
 
