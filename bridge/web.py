@@ -296,12 +296,10 @@ def _rate_source(address: str) -> str:
     """What one sender controls: an IPv4 address, or an IPv6 /64 (one host gets a whole /64, and
     counting its addresses one by one would let it register without limit)."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = plain_address(ipaddress.ip_address(address))
     except ValueError:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
 
