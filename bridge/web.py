@@ -471,6 +471,9 @@ def create_app(runtime: Runtime) -> web.Application:
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/postback/{tracker}", postback),
         ("POST", "/postback/{tracker}", postback),
+        # A trailing slash is an easy slip when pasting the URL into a tracker: taken the same.
+        ("GET", "/postback/{tracker}/", postback),
+        ("POST", "/postback/{tracker}/", postback),
         ("GET", "/click", click),
         ("POST", "/click", click),
         ("OPTIONS", "/click", click_preflight),

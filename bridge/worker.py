@@ -221,21 +221,24 @@ class Worker:
         routes: dict[tuple[str, ...], str] = {}
         for row in rows:
             keys = row["match_keys"]
+            refs = pixel_refs(row)
+            pixel = routes.get(refs)
+            if pixel is None:
+                pixel = routes[refs] = config.route_pixel(refs)
             if now - row["event_time"] > settings.delivery.max_event_age:
+                # Routed all the same, like an unmatched event: stats and metrics count it under the
+                # pixel it was meant for, not among events that were never looked at.
                 outcomes.append(
                     Outcome(
                         row["id"],
                         EXPIRED,
                         count_attempt=False,
+                        sent_pixel=pixel,
                         match_keys=keys,
                         error="older than delivery.max_event_age",
                     )
                 )
                 continue
-            refs = pixel_refs(row)
-            pixel = routes.get(refs)
-            if pixel is None:
-                pixel = routes[refs] = config.route_pixel(refs)
             if not keys:
                 outcomes.append(
                     Outcome(row["id"], UNMATCHED, count_attempt=False, sent_pixel=pixel, match_keys="")

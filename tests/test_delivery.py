@@ -14,6 +14,7 @@ from yarl import URL
 
 from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
 from bridge.runtime import Runtime
+from bridge.stats import collect
 from bridge.worker import LEASE_SECONDS, Worker
 from tests.conftest import MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
 
@@ -340,6 +341,20 @@ async def test_an_event_too_old_when_due_expires_and_is_never_sent(make_bridge: 
     assert row["state"] == "expired"
     assert "max_event_age" in row["last_error"]
     assert bridge.fake.requests == []
+
+
+async def test_an_expired_event_counts_under_the_pixel_it_was_meant_for(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_event_age": 3600}))
+    await lead(bridge, "late", pixel=SECOND_CODE)
+    bridge.clock.advance(3601)
+
+    await bridge.deliver()
+
+    pixels = (await collect(bridge.store))["pixels"]
+    assert pixels["second"]["states"]["expired"] == 1
+    assert "(not yet routed)" not in pixels
+    text = await (await bridge.client.get("/metrics")).text()
+    assert 'bridge_events_finished_total{pixel="second",state="expired"} 1.0' in text
 
 
 async def test_an_event_that_grows_too_old_while_retrying_expires(make_bridge: BridgeFactory) -> None:

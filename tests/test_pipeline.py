@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from bridge.matching import sha256_hex
 from tests.conftest import MAIN_CODE, SECOND_CODE, Bridge
 
@@ -316,6 +318,19 @@ async def test_unknown_tracker_is_404(bridge: Bridge) -> None:
     status, body = await bridge.postback("nosuch", subid="x", status="sale")
     assert status == 404
     assert body == {"error": "unknown tracker"}
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_postback_url_with_a_trailing_slash_is_taken_the_same(bridge: Bridge, method: str) -> None:
+    # `/postback/keitaro/?subid=...` is an easy slip in a tracker's postback field.
+    if method == "GET":
+        resp = await bridge.client.get("/postback/keitaro/", params=KEITARO_SALE)
+    else:
+        resp = await bridge.client.post("/postback/keitaro/", data=KEITARO_SALE)
+    body = await resp.json()
+    assert (resp.status, body["result"]) == (200, "accepted")
+    await bridge.deliver()
+    assert bridge.fake.event_ids() == ["1dad2cg1br22spja1_Purchase"]
 
 
 async def test_missing_click_id_is_400_naming_it_and_stores_nothing(bridge: Bridge) -> None:
