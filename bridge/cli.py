@@ -20,7 +20,7 @@ from bridge import __version__
 from bridge.config import Config, ConfigError, load_config, resolve_config_path
 from bridge.enrich import explain as explain_event
 from bridge.logs import configure
-from bridge.mapping import BadParameter, build_conversion
+from bridge.mapping import IGNORED_UNMAPPED, BadParameter, build_conversion
 from bridge.store import Recorded, Store, StoreUnavailable, rebill_event_id, repeat_of
 from bridge.tiktok import TikTokClient, build_payload
 from bridge.web import decode_pairs
@@ -108,7 +108,23 @@ def explain(
     except BadParameter as exc:
         return {"result": "rejected", "status": 400, "why": str(exc)}
     if conversion.event is None:
-        return {"result": "ignored", "reason": conversion.ignored_reason, "status_value": conversion.status}
+        ignored: dict[str, Any] = {
+            "result": "ignored",
+            "reason": conversion.ignored_reason,
+            "status_value": conversion.status,
+        }
+        name = tracker.params.get("status")
+        if "status" in conversion.dropped:
+            why = f"parameter {name!r} holds an unsubstituted macro {params[name].strip()!r}"
+        elif not conversion.status:
+            why = f"no status (the tracker sends it as {name!r})" if name else "no status parameter"
+        elif conversion.ignored_reason == IGNORED_UNMAPPED:
+            why = f"status {conversion.status!r} is not in the tracker's events: recorded, not sent"
+        else:
+            why = None
+        if why is not None:
+            ignored["why"] = why
+        return ignored
     repeat = repeat_of(same or (), conversion.transaction_id)
     if repeat is not None:
         return {

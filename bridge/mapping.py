@@ -14,7 +14,8 @@ from bridge.matching import HashedIdentifiers, hash_identifiers, scrub_url
 
 # Longest value accepted per canonical field; anything longer is a 400 naming the field.
 MAX_LENGTH = {
-    "click_id": 256,
+    # As long as a ttclid: BeMob's postbacks carry no click id of its own, so the ttclid serves as one.
+    "click_id": 1024,
     "status": 64,
     "value": 32,
     "currency": 16,

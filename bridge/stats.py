@@ -34,10 +34,14 @@ async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
             },
         )
 
+    totals = dict.fromkeys(STATES, 0)
     for row in await store.fetchall(
         "SELECT COALESCE(sent_pixel, '') AS pixel, state, COUNT(*) AS n, MIN(received_at) AS oldest "
         "FROM conversions GROUP BY 1, 2"
     ):
+        totals[row["state"]] += row["n"]
+        if row["state"] == "ignored" and not row["pixel"]:
+            continue  # never meant for a pixel: counted in the totals and by reason, below
         entry = pixel_entry(row["pixel"] or "(not yet routed)")
         entry["states"][row["state"]] = row["n"]
         if row["state"] == "pending" and row["oldest"] is not None:
@@ -72,10 +76,6 @@ async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
         entry = pixel_entry(row["pixel"])
         entry.setdefault("last_event_error", row["last_error"])
 
-    totals = dict.fromkeys(STATES, 0)
-    for entry in by_pixel.values():
-        for state, n in entry["states"].items():
-            totals[state] += n
     ignored = {
         row["reason"]: row["n"]
         for row in await store.fetchall(

@@ -128,7 +128,28 @@ def test_explain_hashes_identifiers(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_explain_says_why_a_status_is_ignored(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, result = explain(capsys, config_path, "/postback/keitaro?subid=abc&status=trash")
     assert code == 0
-    assert result == {"result": "ignored", "reason": "unmapped_status", "status_value": "trash"}
+    assert result == {
+        "result": "ignored",
+        "reason": "unmapped_status",
+        "status_value": "trash",
+        "why": "status 'trash' is not in the tracker's events: recorded, not sent",
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("status={status}", "parameter 'status' holds an unsubstituted macro '{status}'"),
+        ("status=%7Bstatus%7D", "parameter 'status' holds an unsubstituted macro '{status}'"),
+        ("status=", "no status (the tracker sends it as 'status')"),
+        ("revenue=3", "no status (the tracker sends it as 'status')"),
+    ],
+)
+def test_explain_says_when_the_status_is_a_macro_the_tracker_left_or_missing(
+    config_path: Path, capsys: pytest.CaptureFixture[str], query: str, why: str
+) -> None:
+    code, result = explain(capsys, config_path, f"/postback/keitaro?subid=abc&{query}")
+    assert (code, result["reason"], result["why"]) == (0, "unmapped_status", why)
 
 
 def test_explain_says_why_a_postback_is_rejected(

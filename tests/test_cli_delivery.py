@@ -65,6 +65,25 @@ async def test_stats_json_counts_events_by_state_and_pixel(
     assert {k: v for k, v in stats["pixels"]["second"]["states"].items() if v} == {"pending": 2}
 
 
+async def test_stats_counts_ignored_postbacks_by_reason_not_under_a_pixel(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await lead(bridge, "d1")
+    await bridge.postback("keitaro", subid="r1", status="rejected")
+    await bridge.postback("keitaro", subid="r2", status="trash")
+    await bridge.deliver()
+
+    code, out, _ = await cli(capsys, bridge, "stats", "--json")
+    stats = json.loads(out)
+    assert code == 0
+    assert {k: v for k, v in stats["totals"].items() if v} == {"delivered": 1, "ignored": 2}
+    assert stats["ignored_reasons"] == {"status_not_sent": 1, "unmapped_status": 1}
+    assert list(stats["pixels"]) == ["main"]
+    _, text, _ = await cli(capsys, bridge, "stats")
+    assert "ignored: status_not_sent 1, unmapped_status 1" in text
+    assert "not yet routed" not in text
+
+
 async def test_stats_json_shows_a_held_pixel_unhealthy_with_its_last_error(
     bridge: Bridge, capsys: pytest.CaptureFixture[str]
 ) -> None:

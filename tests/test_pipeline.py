@@ -190,8 +190,24 @@ async def test_bemob_postback_uses_ttclid_as_click_id(bridge: Bridge) -> None:
     assert event["properties"] == {"value": 30, "currency": "USD"}
 
 
-async def test_bemob_decline_is_not_sent(bridge: Bridge) -> None:
-    _, body = await bridge.postback("bemob", externalid="E.C.P.x", payout="0", status="decline")
+async def test_bemob_with_a_ttclid_of_real_length_as_click_id_is_registered_and_delivered(
+    bridge: Bridge,
+) -> None:
+    # Real ttclids run to 300 characters and more; BeMob's click id is the ttclid itself.
+    ttclid = "E.C.P." + "CsQBQ3fsZ9" * 33
+    assert await bridge.click(click_id=ttclid, ttclid=ttclid, ttp="ttp-cookie-9") == 204
+    _, body = await bridge.postback("bemob", externalid=ttclid, payout="30", status="confirm")
+    assert body["result"] == "accepted"
+    await bridge.deliver()
+    [event] = bridge.fake.received
+    assert event["event_id"] == f"{ttclid}_Purchase"
+    assert (event["user"]["ttclid"], event["user"]["ttp"]) == (ttclid, "ttp-cookie-9")
+
+
+@pytest.mark.parametrize("status", ["decline", "charge"])
+async def test_bemob_decline_and_chargeback_are_not_sent(bridge: Bridge, status: str) -> None:
+    # `charge` is BeMob's chargeback: sending it as a Purchase would count a sale that was taken back.
+    _, body = await bridge.postback("bemob", externalid="E.C.P.x", payout="0", status=status)
     assert body == {"result": "ignored", "reason": "status_not_sent"}
 
 

@@ -251,7 +251,7 @@ async def test_currency_that_is_not_three_letters_is_400_naming_currency(
 
 @pytest.mark.parametrize(
     ("param", "field", "limit"),
-    [("subid", "click_id", 256), ("user_agent", "user_agent", 1024), ("tid", "transaction_id", 256)],
+    [("subid", "click_id", 1024), ("user_agent", "user_agent", 1024), ("tid", "transaction_id", 256)],
 )
 async def test_field_over_its_length_limit_is_400_naming_it(
     bridge: Bridge, param: str, field: str, limit: int
@@ -443,7 +443,7 @@ async def test_click_without_click_id_is_400(bridge: Bridge) -> None:
     assert await nothing_kept(bridge)
 
 
-@pytest.mark.parametrize(("param", "limit"), [("click_id", 256), ("ttclid", 1024), ("url", 2048)])
+@pytest.mark.parametrize(("param", "limit"), [("click_id", 1024), ("ttclid", 1024), ("url", 2048)])
 async def test_click_field_over_its_length_limit_is_400_naming_it(
     bridge: Bridge, param: str, limit: int
 ) -> None:
