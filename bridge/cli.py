@@ -10,8 +10,8 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
@@ -58,7 +58,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    mode = "dry run (nothing is sent to TikTok)" if config.settings.tiktok.dry_run else "live"
+    settings = config.settings
+    testing = sorted(name for name, pixel in settings.pixels.items() if pixel.test_event_code)
+    if settings.tiktok.dry_run:
+        mode = "dry run (nothing is sent to TikTok)"
+    elif testing:
+        mode = f"live, test events only for {', '.join(testing)}"
+    else:
+        mode = "live"
     print(
         f"{config.path}: OK, {len(config.trackers)} tracker(s) "
         f"({', '.join(sorted(config.trackers)) or 'none'}), "
@@ -165,14 +172,8 @@ def explain(
 
 def _recorded(config: Config, click_id: str, tracker: str, event: str | None) -> tuple[Any, list[Any] | None]:
     """The stored click, and the click's conversions of this event (None without a database)."""
-    if not config.db_path.exists():
-        return None, None
-    import sqlite3
 
-    # Read-only: explain writes nothing.
-    db = sqlite3.connect(f"file:{config.db_path}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
+    def read(db: sqlite3.Connection) -> tuple[Any, list[Any]]:
         click = db.execute("SELECT * FROM clicks WHERE click_id = ?", (click_id,)).fetchone()
         same = db.execute(
             "SELECT transaction_id, id, event_id FROM conversions"
@@ -180,8 +181,38 @@ def _recorded(config: Config, click_id: str, tracker: str, event: str | None) ->
             (tracker, click_id, event),
         ).fetchall()
         return click, [tuple(row) for row in same]
+
+    return _read_only(config, read) or (None, None)
+
+
+# What `explain` shows of a recorded conversion: where its delivery stands.
+_DELIVERY = ("state", "attempts", "sent_pixel", "last_code", "last_error", "request_id")
+
+
+def _delivery(config: Config, conversion_id: int) -> dict[str, Any] | None:
+    def read(db: sqlite3.Connection) -> dict[str, Any] | None:
+        row = db.execute(
+            f"SELECT {', '.join(_DELIVERY)} FROM conversions WHERE id = ?",  # noqa: S608 -- constant columns
+            (conversion_id,),
+        ).fetchone()
+        return None if row is None else {key: row[key] for key in _DELIVERY if row[key] is not None}
+
+    return _read_only(config, read)
+
+
+_T = TypeVar("_T")
+
+
+def _read_only(config: Config, read: Callable[[sqlite3.Connection], _T]) -> _T | None:
+    """`read(db)` on the database opened read-only (explain writes nothing); None without one."""
+    if not config.db_path.exists():
+        return None
+    db = sqlite3.connect(f"file:{config.db_path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return read(db)
     except sqlite3.Error:
-        return None, None
+        return None
     finally:
         db.close()
 
@@ -192,6 +223,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if result["result"] == "accepted":
         click, same = _recorded(config, result["click_id"], result["tracker"], result["event"]["event"])
         result = explain(config, args.url, click=click, same=same)
+        if result["result"] == "duplicate":
+            # The recorded one: follow it (delivered, with TikTok's request_id, or why not).
+            result["recorded"] = _delivery(config, result["conversion_id"])
     print(json.dumps(result, indent=2))
     return 0 if result["result"] != "rejected" else 1
 
@@ -199,14 +233,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from bridge.stats import collect, format_stats
 
-    async def go() -> dict[str, Any]:
-        store = await _open_store(_config(args))
+    async def go(config: Config) -> dict[str, Any]:
+        store = await _open_store(config)
         try:
             return await collect(store)
         finally:
             await store.close()
 
-    summary = asyncio.run(go())
+    config = _config(args)
+    summary = asyncio.run(go(config))
+    if not config.settings.tiktok.dry_run:
+        for name, pixel in config.settings.pixels.items():
+            if pixel.test_event_code and name in summary["pixels"]:
+                summary["pixels"][name]["test_events"] = True
     print(json.dumps(summary, indent=2) if args.json else format_stats(summary))
     return 0
 
@@ -410,7 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        print(f"postback-bridge: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        denied = isinstance(exc, PermissionError)
+        hint = " (run it as root, through `pb`: see docs/deployment.md)" if denied else ""
+        print(f"postback-bridge: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
         # e.g. "database is locked" while the daemon holds a long write: worth a retry, not a traceback.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -365,16 +366,30 @@ def expand_env(
         if default is not None:
             return default
         problems.append(
-            f"{where}: environment variable {name} is not set (use ${{{name}:-default}} for a default)"
+            f"{where}: environment variable {name} is not set (add {name}=... to the service's env file and"
+            f" run commands through `pb`, as docs/deployment.md shows; or write ${{{name}:-default}})"
         )
         return ""
 
     return _VAR.sub(sub, value)
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+
+
 class _SafeUniqueLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (no python/* tags: a config file cannot run code), plus one rule: a key
-    written twice in one mapping is an error, where PyYAML would silently keep the last."""
+    """PyYAML's safe loader (no python/* tags: a config file cannot run code), plus two rules:
+
+    - a key written twice in one mapping is an error, where PyYAML would silently keep the last;
+    - only true and false are booleans, as in YAML 1.2. PyYAML follows YAML 1.1, where yes, no, on
+      and off are booleans too: a network's status `yes: Lead` would become the status "true" and
+      never match. Settings still take yes/no/on/off as booleans (pydantic reads the words).
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -392,6 +407,11 @@ class _SafeUniqueLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_SafeUniqueLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _read_yaml(
@@ -425,6 +445,7 @@ def _read_yaml(
     if not isinstance(data, dict):
         problems.append(f"{path}: must be a mapping of keys to values")
         return None
+    warnings.extend(f"{path}: {w}" for w in _unreadable_by_the_service(path))
     errors: list[str] = []
     noticed: list[str] = []
     try:
@@ -438,6 +459,24 @@ def _read_yaml(
         key = error.partition(": ")[0]
         blamed.update({f"{path}: {key}: ", f"{path}: {key.partition('[')[0]}: "})
     return data
+
+
+def _unreadable_by_the_service(path: Path) -> list[str]:
+    """Root reads any file; the shipped unit's service user (DynamicUser) only world-readable ones. A
+    file created under a strict umask would pass `check-config` (run as root) and then stop a reload or
+    a start."""
+    if os.geteuid() != 0:
+        return []  # run as anyone else, it could read the file: as the service's user, it can
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return []
+    if mode & stat.S_IROTH:
+        return []
+    return [
+        f"not readable by other users (mode {stat.S_IMODE(mode):03o}), so the service's own user cannot"
+        f" read it: chmod 644 {path}"
+    ]
 
 
 def _validation_problems(path: Path, exc: ValidationError) -> list[str]:
@@ -470,6 +509,7 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     except ValidationError as exc:
         raise ConfigError(problems + unblamed(_validation_problems(path, exc))) from None
     problems.extend(unblamed(_settings_problems(path, settings)))
+    warnings.extend(_test_event_warnings(path, settings))
 
     trackers: dict[str, TrackerConfig] = {}
     origin: dict[str, Path] = {}
@@ -517,6 +557,18 @@ def _settings_problems(path: Path, settings: Settings) -> list[str]:
             if not pixel.access_token
         )
     return problems
+
+
+def _test_event_warnings(path: Path, settings: Settings) -> list[str]:
+    """A code left in after `test-event` turns every live event of the pixel into a test event."""
+    if settings.tiktok.dry_run:
+        return []
+    return [
+        f"{path}: pixels.{name}.test_event_code: set, so every event sent for this pixel is a test event"
+        " (shown under Test Events, not counted as a conversion); clear it once the test is done"
+        for name, pixel in settings.pixels.items()
+        if pixel.test_event_code
+    ]
 
 
 def _tracker_pixel_problems(file: Path, tracker: TrackerConfig, settings: Settings) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any
 from bridge.enrich import MATCH_KEYS
 from bridge.runtime import Runtime
 from bridge.store import STATES, Store
+from bridge.worker import FIX_HELD
 
 # match_keys is a comma-separated list of MATCH_KEYS; each key's count per pixel.
 _KEY_SUMS = ", ".join(f"SUM(instr(',' || match_keys || ',', ',{key},') > 0) AS {key}" for key in MATCH_KEYS)
@@ -136,6 +137,10 @@ def format_stats(summary: dict[str, Any]) -> str:
         lines.append(
             f"pixel {pixel}: " + ("healthy" if entry["healthy"] else "HELD (token or permission error)")
         )
+        if not entry["healthy"]:
+            lines.append(f"  {FIX_HELD}")
+        if entry.get("test_events"):
+            lines.append("  TEST EVENTS: test_event_code is set, events are not counted as conversions")
         lines.append("  " + ", ".join(f"{s} {n}" for s, n in entry["states"].items() if n))
         if entry["oldest_pending_seconds"] is not None:
             lines.append(f"  oldest pending: {entry['oldest_pending_seconds']:.0f}s")

@@ -39,6 +39,12 @@ log = get_logger("bridge.worker")
 LEASE_SECONDS = 300.0
 # After a wake-up, wait this long so events arriving in a burst share one request.
 LINGER_SECONDS = 0.1
+# How a held pixel is freed. systemd reads the environment file only when it starts the service, so
+# a token fixed there takes a restart; a reload does not see it.
+FIX_HELD = (
+    "fix the token (or its rights in TikTok), then reload if the token is in the config file, "
+    "or restart if it comes from the environment file"
+)
 # Sleep at most this long when nothing is due, so a clock jump or a missed wake-up costs little.
 IDLE_SECONDS = 1.0
 # On SIGTERM, in-flight requests get this long to finish before their leases are released.
@@ -384,6 +390,7 @@ class Worker:
                 code=answer.code,
                 message=answer.message,
                 retry_in=HELD_PIXEL_RETRY,
+                fix=FIX_HELD,
             )
             return [self._retry(item, pixel, answer, now + HELD_PIXEL_RETRY, count=False) for item in items]
         # BAD_REQUEST: one bad event fails the whole batch; split it until the bad ones stand alone.
@@ -478,10 +485,15 @@ class Worker:
         if healthy:
             log.info("pixel healthy again: delivering held events", pixel=pixel)
         health.healthy = healthy
-        health.last_code = answer.code
-        health.last_error = None if healthy else answer.message
         health.since = now
-        await self.runtime.store.set_pixel_status(pixel, healthy, answer.code, health.last_error, now)
+        if healthy:
+            # The stored code and message stay those of the last error, together: `stats` shows a
+            # pixel healthy again beside what held it, not an accepting code 0 beside an old message.
+            await self.runtime.store.set_pixel_status(pixel, healthy, None, None, now)
+            return
+        health.last_code = answer.code
+        health.last_error = answer.message
+        await self.runtime.store.set_pixel_status(pixel, healthy, answer.code, answer.message, now)
 
 
 # Final states that mean TikTok did not get the event: one line each (delivered ones share their batch's).

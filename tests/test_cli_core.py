@@ -56,6 +56,21 @@ def test_check_config_names_file_key_and_why(tmp_path: Path, capsys: pytest.Capt
     assert "Traceback" not in err
 
 
+def test_a_file_the_command_cannot_reach_is_named_in_its_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Run as root here, so not "Permission denied" (a user outside the state directory gets that): the
+    # same error path, with a name the system refuses.
+    settings = base_settings()
+    settings["storage"]["path"] = str(tmp_path / ("a" * 300) / "bridge.db")
+    path = write_config(tmp_path, settings)
+
+    code, _, err = run_cli(capsys, "stats", "-c", str(path))
+
+    assert code == 1
+    assert err == f"postback-bridge: {settings['storage']['path']}: File name too long\n"
+
+
 def test_check_config_warns_about_a_misspelt_event(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -225,6 +240,18 @@ async def test_explain_knows_a_duplicate_and_a_rebill_from_the_database(
     repeat = await explained("subid=rb1&status=sale&tid=T-1")
     assert repeat["result"] == "duplicate"
     assert (repeat["conversion_id"], repeat["event_id"]) == (first["conversion_id"], "rb1_Purchase")
+    assert repeat["recorded"] == {"state": "pending", "attempts": 0}
+    # The recorded conversion can be followed: once delivered, with TikTok's request id.
+    await bridge.deliver()
+    [event] = bridge.fake.received
+    delivered = (await explained("subid=rb1&status=sale&tid=T-1"))["recorded"]
+    assert delivered == {
+        "state": "delivered",
+        "attempts": 1,
+        "sent_pixel": "main",
+        "last_code": 0,
+        "request_id": event["_request_id"],
+    }
     assert (await explained("subid=rb1&status=sale"))["result"] == "duplicate"
     # Another transaction id: a rebill, with the suffix the listener would give it.
     rebill = await explained("subid=rb1&status=sale&tid=T-2&external_id=E.C.P.rb")

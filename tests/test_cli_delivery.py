@@ -84,6 +84,20 @@ async def test_stats_counts_ignored_postbacks_by_reason_not_under_a_pixel(
     assert "not yet routed" not in text
 
 
+async def test_stats_says_a_pixel_sends_test_events_while_its_test_event_code_is_set(
+    make_bridge: BridgeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s["pixels"]["main"].update(test_event_code="TEST12345"))
+    await lead(bridge, "t1")
+    await bridge.deliver()
+    assert bridge.fake.requests[0].body["test_event_code"] == "TEST12345"
+
+    _, text, _ = await cli(capsys, bridge, "stats")
+    assert "pixel main: healthy\n  TEST EVENTS: test_event_code is set" in text
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+    assert json.loads(out)["pixels"]["main"]["test_events"] is True
+
+
 async def test_stats_json_shows_a_held_pixel_unhealthy_with_its_last_error(
     bridge: Bridge, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,6 +134,7 @@ async def test_stats_text_names_the_held_pixel_and_why(
 
     assert code == 0
     assert "pixel second: HELD" in out
+    assert "reload if the token is in the config file, or restart if it comes from the environment" in out
     assert "[40001]" in out and "No permission" in out
     assert "pixel main: healthy" in out
 
@@ -137,6 +152,9 @@ async def test_stats_shows_a_pixel_healthy_again_after_its_token_is_accepted(
     second = json.loads(out)["pixels"]["second"]
     assert second["healthy"] is True
     assert {k: v for k, v in second["states"].items() if v} == {"delivered": 2}
+    # What held it stays as the last error, its code beside its own message (not the 0 that freed it).
+    assert second["last_code"] == 40001
+    assert "permission" in second["last_error"].lower()
 
 
 async def test_stats_shows_a_pixel_held_before_a_restart_healthy_once_it_delivers_again(

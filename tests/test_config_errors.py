@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from bridge.cli import main
+from bridge.config import load_config
+from bridge.mapping import build_conversion
 from tests.conftest import REPO, base_settings, write_config
 
 KEITARO = yaml.safe_load((REPO / "config" / "trackers" / "keitaro.yaml").read_text())
@@ -100,6 +102,26 @@ def test_a_key_written_twice_is_an_error(tmp_path: Path, capsys: pytest.CaptureF
     assert problem.endswith("key 'default_pixel' appears twice")
 
 
+def test_statuses_yes_no_on_off_stay_words_while_settings_still_read_them_as_booleans(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    # YAML 1.1 reads yes/no/on/off as booleans: `yes: Lead` would be the status "true" and never match.
+    path = write(tmp_path, settings)
+    path.write_text(path.read_text().replace("dry_run: false", "dry_run: yes"))
+    (tmp_path / "trackers" / "net.yaml").write_text(
+        "name: net\nparams: {click_id: clickid, status: status}\n"
+        "events:\n  yes: Lead\n  on: Purchase\n  no: null\n  off: null\n  true: AddToCart\n"
+    )
+
+    config = load_config(path, {})
+
+    assert config.settings.tiktok.dry_run is True
+    net = config.trackers["net"]
+    for status, event in [("yes", "Lead"), ("ON", "Purchase"), ("no", None), ("true", "AddToCart")]:
+        conversion = build_conversion(net, {"clickid": "c1", "status": status}, 0.0, "US")
+        assert (conversion.event, conversion.ignored_reason is None) == (event, event is not None)
+
+
 def test_wrong_type_is_named(
     tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -154,7 +176,8 @@ def test_unset_environment_variable_names_the_key(
     assert code == 2
     assert problems == [
         f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: environment variable BRIDGE_TEST_UNSET_TOKEN "
-        "is not set (use ${BRIDGE_TEST_UNSET_TOKEN:-default} for a default)"
+        "is not set (add BRIDGE_TEST_UNSET_TOKEN=... to the service's env file and run commands through `pb`,"
+        " as docs/deployment.md shows; or write ${BRIDGE_TEST_UNSET_TOKEN:-default})"
     ]
 
 
@@ -420,6 +443,39 @@ def test_tracker_traps_that_lose_every_postback_are_warned_about(
     assert not any(secret in w for w in warnings)
 
 
+def test_a_test_event_code_left_in_is_warned_about_and_named_in_the_mode(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["pixels"]["second"]["test_event_code"] = "TEST12345"
+    path = write(tmp_path, settings)
+
+    assert warnings_of(path, capsys) == [
+        f"{path}: pixels.second.test_event_code: set, so every event sent for this pixel is a test event"
+        " (shown under Test Events, not counted as a conversion); clear it once the test is done"
+    ]
+    main(["check-config", "-c", str(path)])
+    assert capsys.readouterr().out.rstrip().endswith("live, test events only for second")
+
+    settings["tiktok"]["dry_run"] = True  # nothing reaches TikTok: the code does no harm
+    assert warnings_of(write(tmp_path, settings), capsys) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root reads a file other users cannot")
+def test_a_file_the_service_user_cannot_read_is_warned_about_when_root_checks_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, base_settings(), {"private": tracker(name="private", key="k3y-0123456789abcdef")})
+    private = tmp_path / "trackers" / "private.yaml"
+    private.chmod(0o600)  # as `install -m 600`, or an editor under umask 077, leaves it
+
+    assert warnings_of(path, capsys) == [
+        f"{private}: not readable by other users (mode 600), so the service's own user cannot read it:"
+        f" chmod 644 {private}"
+    ]
+    private.chmod(0o644)
+    assert warnings_of(path, capsys) == []
+
+
 def test_a_value_written_as_a_shell_variable_is_warned_about(
     tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -475,7 +531,8 @@ def test_an_unset_trackers_dir_is_one_problem_not_every_file_around(
     assert code == 2
     assert problems == [
         f"{path}: trackers_dir: environment variable BRIDGE_TEST_UNSET_DIR is not set"
-        " (use ${BRIDGE_TEST_UNSET_DIR:-default} for a default)"
+        " (add BRIDGE_TEST_UNSET_DIR=... to the service's env file and run commands through `pb`,"
+        " as docs/deployment.md shows; or write ${BRIDGE_TEST_UNSET_DIR:-default})"
     ]
 
 

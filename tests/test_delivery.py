@@ -272,6 +272,8 @@ async def test_a_held_pixel_is_logged_as_an_error_without_its_token(bridge: Brid
     [held] = [line for line in logs if line["event"].startswith("pixel held")]
     assert held["log_level"] == "error"
     assert (held["pixel"], held["code"]) == ("second", 40001)
+    # A token fixed in the environment file is read only at a start: a reload alone would change nothing.
+    assert "restart if it comes from the environment file" in held["fix"]
     assert SECOND_TOKEN not in repr(logs) and MAIN_TOKEN not in repr(logs)
 
 
