@@ -17,10 +17,10 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 
 from bridge import __version__
-from bridge.config import Config, ConfigError, load_config, resolve_config_path
+from bridge.config import Config, ConfigError, load_config, resolve_config_path, unreadable_by_the_service
 from bridge.enrich import explain as explain_event
 from bridge.logs import configure
-from bridge.mapping import IGNORED_UNMAPPED, BadParameter, build_conversion
+from bridge.mapping import BadParameter, build_conversion, ignored_why
 from bridge.store import Recorded, Store, StoreUnavailable, rebill_event_id, repeat_of
 from bridge.tiktok import TikTokClient, build_payload
 from bridge.web import decode_pairs
@@ -56,13 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
-    for warning in config.warnings:
+    for warning in [*config.warnings, *unreadable_by_the_service(config)]:
         print(f"warning: {warning}", file=sys.stderr)
-    settings = config.settings
-    testing = sorted(name for name, pixel in settings.pixels.items() if pixel.test_event_code)
-    if settings.tiktok.dry_run:
+    if config.settings.tiktok.dry_run:
         mode = "dry run (nothing is sent to TikTok)"
-    elif testing:
+    elif testing := config.settings.test_event_pixels():
         mode = f"live, test events only for {', '.join(testing)}"
     else:
         mode = "live"
@@ -115,23 +113,12 @@ def explain(
     except BadParameter as exc:
         return {"result": "rejected", "status": 400, "why": str(exc)}
     if conversion.event is None:
-        ignored: dict[str, Any] = {
+        return {
             "result": "ignored",
             "reason": conversion.ignored_reason,
             "status_value": conversion.status,
+            "why": ignored_why(tracker, params, conversion),
         }
-        name = tracker.params.get("status")
-        if "status" in conversion.dropped:
-            why = f"parameter {name!r} holds an unsubstituted macro {params[name].strip()!r}"
-        elif not conversion.status:
-            why = f"no status (the tracker sends it as {name!r})" if name else "no status parameter"
-        elif conversion.ignored_reason == IGNORED_UNMAPPED:
-            why = f"status {conversion.status!r} is not in the tracker's events: recorded, not sent"
-        else:
-            why = None
-        if why is not None:
-            ignored["why"] = why
-        return ignored
     repeat = repeat_of(same or (), conversion.transaction_id)
     if repeat is not None:
         return {
@@ -224,7 +211,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         click, same = _recorded(config, result["click_id"], result["tracker"], result["event"]["event"])
         result = explain(config, args.url, click=click, same=same)
         if result["result"] == "duplicate":
-            # The recorded one: follow it (delivered, with TikTok's request_id, or why not).
+            # The recorded one, to follow: its state, and TikTok's request_id or its last error.
             result["recorded"] = _delivery(config, result["conversion_id"])
     print(json.dumps(result, indent=2))
     return 0 if result["result"] != "rejected" else 1
@@ -242,10 +229,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     config = _config(args)
     summary = asyncio.run(go(config))
-    if not config.settings.tiktok.dry_run:
-        for name, pixel in config.settings.pixels.items():
-            if pixel.test_event_code and name in summary["pixels"]:
-                summary["pixels"][name]["test_events"] = True
+    # From the config file, as the daemon reads it at its next start or reload.
+    summary["test_event_pixels"] = config.settings.test_event_pixels()
     print(json.dumps(summary, indent=2) if args.json else format_stats(summary))
     return 0
 
@@ -450,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        denied = isinstance(exc, PermissionError)
+        # An admin command run as someone else; the daemon's own (a port below 1024) wants other advice.
+        denied = isinstance(exc, PermissionError) and args.func is not cmd_run
         hint = " (run it as root, through `pb`: see docs/deployment.md)" if denied else ""
         print(f"postback-bridge: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
         return 1

@@ -186,6 +186,12 @@ class Settings(_Model):
     trackers_dir: str = "trackers"
     retention: RetentionConfig = RetentionConfig()
 
+    def test_event_pixels(self) -> list[str]:
+        """Pixels whose every event goes to TikTok as a test event: a test_event_code set while live."""
+        if self.tiktok.dry_run:
+            return []
+        return sorted(name for name, pixel in self.pixels.items() if pixel.test_event_code)
+
 
 class EventRoute(_Model):
     event: str | None = Field(min_length=1)  # null: record, never send; "" is a mistake
@@ -374,44 +380,54 @@ def expand_env(
     return _VAR.sub(sub, value)
 
 
-_BOOL = "tag:yaml.org,2002:bool"
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 class _SafeUniqueLoader(yaml.SafeLoader):
     """PyYAML's safe loader (no python/* tags: a config file cannot run code), plus two rules:
 
     - a key written twice in one mapping is an error, where PyYAML would silently keep the last;
-    - only true and false are booleans, as in YAML 1.2. PyYAML follows YAML 1.1, where yes, no, on
-      and off are booleans too: a network's status `yes: Lead` would become the status "true" and
-      never match. Settings still take yes/no/on/off as booleans (pydantic reads the words).
+    - a key is the text it is written as. Every key of these files is a name (a status, a pixel, a
+      setting), and YAML 1.1 would turn some into other things: a network's status `yes: Lead` into
+      True, so the status "true", which never matches; `off` into False, `010` into 8. Values are read
+      as YAML reads them (`dry_run: yes` is true; `key: off` is refused, not taken as the key "off").
     """
-
-    yaml_implicit_resolvers = {
-        first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override on purpose
+            if key_node.tag == _MERGE:  # `<<: *base` may override on purpose
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = self._key(key_node, deep)
             try:
                 duplicate = key in seen
-            except TypeError:  # unhashable: the safe loader's own check names it
+            except TypeError:  # unhashable: named below
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        self.flatten_mapping(node)  # merges `<<: *base` in, as the safe loader does
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self._key(key_node, deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    "found an unhashable key",
+                    key_node.start_mark,
+                ) from None
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
 
-
-_SafeUniqueLoader.add_implicit_resolver(
-    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
+    def _key(self, key_node: yaml.Node, deep: bool) -> Any:
+        if isinstance(key_node, yaml.ScalarNode):
+            return key_node.value
+        return self.construct_object(key_node, deep=deep)
 
 
 def _read_yaml(
@@ -445,7 +461,6 @@ def _read_yaml(
     if not isinstance(data, dict):
         problems.append(f"{path}: must be a mapping of keys to values")
         return None
-    warnings.extend(f"{path}: {w}" for w in _unreadable_by_the_service(path))
     errors: list[str] = []
     noticed: list[str] = []
     try:
@@ -459,24 +474,6 @@ def _read_yaml(
         key = error.partition(": ")[0]
         blamed.update({f"{path}: {key}: ", f"{path}: {key.partition('[')[0]}: "})
     return data
-
-
-def _unreadable_by_the_service(path: Path) -> list[str]:
-    """Root reads any file; the shipped unit's service user (DynamicUser) only world-readable ones. A
-    file created under a strict umask would pass `check-config` (run as root) and then stop a reload or
-    a start."""
-    if os.geteuid() != 0:
-        return []  # run as anyone else, it could read the file: as the service's user, it can
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return []
-    if mode & stat.S_IROTH:
-        return []
-    return [
-        f"not readable by other users (mode {stat.S_IMODE(mode):03o}), so the service's own user cannot"
-        f" read it: chmod 644 {path}"
-    ]
 
 
 def _validation_problems(path: Path, exc: ValidationError) -> list[str]:
@@ -545,6 +542,30 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     return Config(settings=settings, trackers=trackers, path=path, warnings=tuple(warnings))
 
 
+def unreadable_by_the_service(config: Config) -> list[str]:
+    """Files of the config that the shipped unit's service user could not read, judged by root.
+
+    Root reads any file; that user (DynamicUser) only world-readable ones. A file created under a
+    strict umask would pass `check-config` run as root, then stop a reload or a start. Said by
+    check-config only: the daemon, whatever user it runs as, reads its files or refuses them.
+    """
+    if os.geteuid() != 0:
+        return []  # whoever this is read the files, as the service's user will
+    files = [config.path, *sorted(_relative_to(config.path, config.settings.trackers_dir).glob("*.yaml"))]
+    warnings = []
+    for file in files:
+        try:
+            mode = file.stat().st_mode
+        except OSError:
+            continue
+        if not mode & stat.S_IROTH:
+            warnings.append(
+                f"{file}: not readable by other users (mode {stat.S_IMODE(mode):03o}), so the service's own"
+                f" user cannot read it: chmod 644 {file}"
+            )
+    return warnings
+
+
 def _settings_problems(path: Path, settings: Settings) -> list[str]:
     # Checked here rather than in a model validator, whose errors carry no key to name.
     problems = []
@@ -561,13 +582,10 @@ def _settings_problems(path: Path, settings: Settings) -> list[str]:
 
 def _test_event_warnings(path: Path, settings: Settings) -> list[str]:
     """A code left in after `test-event` turns every live event of the pixel into a test event."""
-    if settings.tiktok.dry_run:
-        return []
     return [
         f"{path}: pixels.{name}.test_event_code: set, so every event sent for this pixel is a test event"
         " (shown under Test Events, not counted as a conversion); clear it once the test is done"
-        for name, pixel in settings.pixels.items()
-        if pixel.test_event_code
+        for name in settings.test_event_pixels()
     ]
 
 

@@ -107,6 +107,24 @@ def clean(params: Mapping[str, str], name: str, dropped: list[str] | None = None
     return value
 
 
+def _unsubstituted(name: str, value: str) -> str:
+    return f"parameter {name!r} holds an unsubstituted macro {value.strip()!r}"
+
+
+def ignored_why(tracker: TrackerConfig, raw: Mapping[str, str], conversion: Conversion) -> str:
+    """Why a postback is recorded and not sent, in the tracker's own terms (for `explain`)."""
+    name = tracker.params.get("status")
+    if name is None:
+        return "the tracker maps no status parameter"
+    if "status" in conversion.dropped:
+        return _unsubstituted(name, raw[name])
+    if not conversion.status:
+        return f"no status (the tracker sends it as {name!r})"
+    if conversion.ignored_reason == IGNORED_UNMAPPED:
+        return f"status {conversion.status!r} is not in the tracker's events: recorded, not sent"
+    return f"status {conversion.status!r} is mapped to null in the tracker's events: recorded, not sent"
+
+
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -221,9 +239,7 @@ def build_conversion(
     if click_id is None:
         name = tracker.params["click_id"]
         if "click_id" in dropped:
-            raise BadParameter(
-                "click_id", f"parameter {name!r} holds an unsubstituted macro {params['click_id'].strip()!r}"
-            )
+            raise BadParameter("click_id", _unsubstituted(name, params["click_id"]))
         raise BadParameter("click_id", f"missing (the tracker sends it as {name!r})")
 
     status = (clean(params, "status", dropped) or "").lower()

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 # often until the operator fixes the config. Trying faster would only repeat the same rejection; a
 # reload with a fixed token does not wait for this, it resumes delivery at once.
 HELD_PIXEL_RETRY: float = 300.0
+# How a held pixel is freed. systemd reads the environment file only when it starts the service, so
+# a token fixed there takes a restart; a reload does not see it.
+FIX_HELD = (
+    "fix the token (or its rights in TikTok), then reload if the token is in the config file, "
+    "or restart if it comes from the environment file"
+)
 
 
 @dataclass(frozen=True)

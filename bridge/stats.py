@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 from bridge.enrich import MATCH_KEYS
+from bridge.retry import FIX_HELD
 from bridge.runtime import Runtime
 from bridge.store import STATES, Store
-from bridge.worker import FIX_HELD
 
 # match_keys is a comma-separated list of MATCH_KEYS; each key's count per pixel.
 _KEY_SUMS = ", ".join(f"SUM(instr(',' || match_keys || ',', ',{key},') > 0) AS {key}" for key in MATCH_KEYS)
@@ -133,14 +133,17 @@ def format_stats(summary: dict[str, Any]) -> str:
     lines = ["totals: " + ", ".join(f"{state} {n}" for state, n in summary["totals"].items())]
     if summary["ignored_reasons"]:
         lines.append("ignored: " + ", ".join(f"{r} {n}" for r, n in summary["ignored_reasons"].items()))
+    if summary.get("test_event_pixels"):
+        lines.append(
+            f"TEST EVENTS for {', '.join(summary['test_event_pixels'])}: test_event_code is set in the"
+            " config, so their events are not counted as conversions"
+        )
     for pixel, entry in sorted(summary["pixels"].items()):
         lines.append(
             f"pixel {pixel}: " + ("healthy" if entry["healthy"] else "HELD (token or permission error)")
         )
         if not entry["healthy"]:
             lines.append(f"  {FIX_HELD}")
-        if entry.get("test_events"):
-            lines.append("  TEST EVENTS: test_event_code is set, events are not counted as conversions")
         lines.append("  " + ", ".join(f"{s} {n}" for s, n in entry["states"].items() if n))
         if entry["oldest_pending_seconds"] is not None:
             lines.append(f"  oldest pending: {entry['oldest_pending_seconds']:.0f}s")

@@ -484,7 +484,10 @@ class Store:
             _execute,
             "INSERT INTO pixel_status (pixel, healthy, last_code, last_error, updated_at) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pixel) DO UPDATE SET healthy = excluded.healthy, "
-            "last_code = COALESCE(excluded.last_code, last_code), "
+            # Code and message are the last error's, together: a hold without a code (a token that
+            # cannot be sent) does not keep an earlier code; a recovery (neither) keeps both.
+            "last_code = CASE WHEN excluded.last_error IS NOT NULL THEN excluded.last_code "
+            "ELSE last_code END, "
             "last_error = COALESCE(excluded.last_error, last_error), updated_at = excluded.updated_at",
             (pixel, int(healthy), code, error, now),
         )

@@ -19,7 +19,7 @@ import aiohttp
 from bridge.enrich import pixel_refs
 from bridge.logs import get_logger
 from bridge.pacing import Pacer
-from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
+from bridge.retry import FIX_HELD, HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
 from bridge.runtime import PixelHealth, Runtime
 from bridge.store import (
     DELIVERED,
@@ -39,12 +39,6 @@ log = get_logger("bridge.worker")
 LEASE_SECONDS = 300.0
 # After a wake-up, wait this long so events arriving in a burst share one request.
 LINGER_SECONDS = 0.1
-# How a held pixel is freed. systemd reads the environment file only when it starts the service, so
-# a token fixed there takes a restart; a reload does not see it.
-FIX_HELD = (
-    "fix the token (or its rights in TikTok), then reload if the token is in the config file, "
-    "or restart if it comes from the environment file"
-)
 # Sleep at most this long when nothing is due, so a clock jump or a missed wake-up costs little.
 IDLE_SECONDS = 1.0
 # On SIGTERM, in-flight requests get this long to finish before their leases are released.

@@ -151,20 +151,28 @@ def test_explain_says_why_a_status_is_ignored(config_path: Path, capsys: pytest.
     }
 
 
+MACRO_LEFT = "parameter 'status' holds an unsubstituted macro '{status}'"
+
+
 @pytest.mark.parametrize(
-    ("query", "why"),
+    ("query", "reason", "why"),
     [
-        ("status={status}", "parameter 'status' holds an unsubstituted macro '{status}'"),
-        ("status=%7Bstatus%7D", "parameter 'status' holds an unsubstituted macro '{status}'"),
-        ("status=", "no status (the tracker sends it as 'status')"),
-        ("revenue=3", "no status (the tracker sends it as 'status')"),
+        ("status={status}", "unmapped_status", MACRO_LEFT),
+        ("status=%7Bstatus%7D", "unmapped_status", MACRO_LEFT),
+        ("status=", "unmapped_status", "no status (the tracker sends it as 'status')"),
+        ("revenue=3", "unmapped_status", "no status (the tracker sends it as 'status')"),
+        (
+            "status=Rejected",
+            "status_not_sent",
+            "status 'rejected' is mapped to null in the tracker's events: recorded, not sent",
+        ),
     ],
 )
-def test_explain_says_when_the_status_is_a_macro_the_tracker_left_or_missing(
-    config_path: Path, capsys: pytest.CaptureFixture[str], query: str, why: str
+def test_explain_says_why_a_status_is_not_sent(
+    config_path: Path, capsys: pytest.CaptureFixture[str], query: str, reason: str, why: str
 ) -> None:
     code, result = explain(capsys, config_path, f"/postback/keitaro?subid=abc&{query}")
-    assert (code, result["reason"], result["why"]) == (0, "unmapped_status", why)
+    assert (code, result["reason"], result["why"]) == (0, reason, why)
 
 
 def test_explain_says_why_a_postback_is_rejected(

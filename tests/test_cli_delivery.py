@@ -93,9 +93,9 @@ async def test_stats_says_a_pixel_sends_test_events_while_its_test_event_code_is
     assert bridge.fake.requests[0].body["test_event_code"] == "TEST12345"
 
     _, text, _ = await cli(capsys, bridge, "stats")
-    assert "pixel main: healthy\n  TEST EVENTS: test_event_code is set" in text
+    assert "TEST EVENTS for main: test_event_code is set in the config" in text
     _, out, _ = await cli(capsys, bridge, "stats", "--json")
-    assert json.loads(out)["pixels"]["main"]["test_events"] is True
+    assert json.loads(out)["test_event_pixels"] == ["main"]
 
 
 async def test_stats_json_shows_a_held_pixel_unhealthy_with_its_last_error(
@@ -155,6 +155,22 @@ async def test_stats_shows_a_pixel_healthy_again_after_its_token_is_accepted(
     # What held it stays as the last error, its code beside its own message (not the 0 that freed it).
     assert second["last_code"] == 40001
     assert "permission" in second["last_error"].lower()
+
+
+async def test_stats_never_pairs_a_hold_without_a_code_with_an_earlier_code(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, now = bridge.store, bridge.clock()
+    await store.set_pixel_status("second", False, 40001, "No permission to operate pixel", now)
+    # Then a token that cannot even be sent: held again, by an answer that has no code.
+    unsendable = "access token has characters that cannot be sent in an HTTP header"
+    await store.set_pixel_status("second", False, None, unsendable, now + 1)
+    await store.set_pixel_status("second", True, None, None, now + 2)
+
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+
+    second = json.loads(out)["pixels"]["second"]
+    assert (second["healthy"], second["last_code"], second["last_error"]) == (True, None, unsendable)
 
 
 async def test_stats_shows_a_pixel_held_before_a_restart_healthy_once_it_delivers_again(

@@ -102,24 +102,30 @@ def test_a_key_written_twice_is_an_error(tmp_path: Path, capsys: pytest.CaptureF
     assert problem.endswith("key 'default_pixel' appears twice")
 
 
-def test_statuses_yes_no_on_off_stay_words_while_settings_still_read_them_as_booleans(
-    tmp_path: Path, settings: dict[str, Any]
+def test_statuses_are_the_text_they_are_written_as_while_settings_read_yes_as_true(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # YAML 1.1 reads yes/no/on/off as booleans: `yes: Lead` would be the status "true" and never match.
+    # YAML 1.1 reads yes/no/on/off as booleans and 010 as 8: `yes: Lead` would be the status "true".
     path = write(tmp_path, settings)
     path.write_text(path.read_text().replace("dry_run: false", "dry_run: yes"))
-    (tmp_path / "trackers" / "net.yaml").write_text(
+    net = tmp_path / "trackers" / "net.yaml"
+    net.write_text(
         "name: net\nparams: {click_id: clickid, status: status}\n"
-        "events:\n  yes: Lead\n  on: Purchase\n  no: null\n  off: null\n  true: AddToCart\n"
+        "events:\n  yes: Lead\n  on: Purchase\n  no: null\n  off: null\n  true: AddToCart\n  010: Contact\n"
     )
 
     config = load_config(path, {})
 
     assert config.settings.tiktok.dry_run is True
-    net = config.trackers["net"]
-    for status, event in [("yes", "Lead"), ("ON", "Purchase"), ("no", None), ("true", "AddToCart")]:
-        conversion = build_conversion(net, {"clickid": "c1", "status": status}, 0.0, "US")
+    statuses = [("yes", "Lead"), ("ON", "Purchase"), ("no", None), ("true", "AddToCart"), ("010", "Contact")]
+    for status, event in statuses:
+        conversion = build_conversion(config.trackers["net"], {"clickid": "c1", "status": status}, 0.0, "US")
         assert (conversion.event, conversion.ignored_reason is None) == (event, event is not None)
+    # A value is still read as YAML reads it: `key: off` is no key at all, not the key "off".
+    net.write_text(net.read_text() + "key: off\n")
+    code, problems = check_config(path, capsys)
+    assert code == 2
+    assert problems == [f"{net}: key: Input should be a valid string"]
 
 
 def test_wrong_type_is_named(
