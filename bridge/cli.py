@@ -21,6 +21,7 @@ from bridge.config import Config, ConfigError, load_config, resolve_config_path,
 from bridge.enrich import explain as explain_event
 from bridge.logs import configure
 from bridge.mapping import BadParameter, build_conversion, ignored_why
+from bridge.retry import FIX_UNCONFIGURED
 from bridge.store import Recorded, Store, StoreUnavailable, rebill_event_id, repeat_of
 from bridge.tiktok import TikTokClient, build_payload
 from bridge.web import decode_pairs
@@ -138,15 +139,21 @@ def explain(
         "tracker": tracker.name,
         "click_id": conversion.click_id,
         "pixel": pixel,
-        "pixel_code": config.pixel(pixel).code,
+        "pixel_code": config.pixel(pixel).code if config.configured(pixel) else None,
         "click_found": click is not None,
         "match_keys": list(prepared.match_keys),
         "event": prepared.event,
     }
-    if not prepared.match_keys:
+    if time.time() - conversion.event_time > config.settings.delivery.max_event_age:
+        result["warning"] = (
+            "event_time is older than delivery.max_event_age: it would be recorded, then expire unsent"
+        )
+    elif not prepared.match_keys:
         result["warning"] = (
             "no match key (ttclid, ttp, ip+user_agent, email, phone, external_id): would be unmatched"
         )
+    elif not config.configured(pixel):
+        result["warning"] = f"the click names pixel {pixel!r}, which is not in the config: {FIX_UNCONFIGURED}"
     if conversion.dropped:
         result["dropped"] = list(conversion.dropped)
     if conversion.transaction_id and same is None:
@@ -218,7 +225,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from bridge.stats import collect, format_stats
+    from bridge.stats import NOT_ROUTED, collect, format_stats
 
     async def go(config: Config) -> dict[str, Any]:
         store = await _open_store(config)
@@ -231,6 +238,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     summary = asyncio.run(go(config))
     # From the config file, as the daemon reads it at its next start or reload.
     summary["test_event_pixels"] = config.settings.test_event_pixels()
+    summary["unconfigured_pixels"] = sorted(
+        pixel
+        for pixel, entry in summary["pixels"].items()
+        if entry["states"]["pending"] and pixel != NOT_ROUTED and not config.configured(pixel)
+    )
     print(json.dumps(summary, indent=2) if args.json else format_stats(summary))
     return 0
 
@@ -251,7 +263,8 @@ FAILED_COLUMNS = (
 
 def cmd_failed(args: argparse.Namespace) -> int:
     async def go() -> int:
-        store = await _open_store(_config(args))
+        config = _config(args)
+        store = await _open_store(config)
         try:
             if args.failed_command == "list":
                 rows = await store.fetchall(
@@ -278,33 +291,50 @@ def cmd_failed(args: argparse.Namespace) -> int:
                 raise CommandError(
                     "failed retry: give the conversion IDs to retry (see failed list), or --all"
                 )
+            now = time.time()
+            max_age = config.settings.delivery.max_event_age
+            too_old = f"older than delivery.max_event_age ({max_age:g} s), so it would only expire"
+            left = 0
             if args.all:
-                count = await store.requeue_failed(None, time.time())
+                count = await store.requeue_failed(None, now, now - max_age)
+                left = (await store.fetchall("SELECT COUNT(*) FROM conversions WHERE state = 'failed'"))[0][0]
             else:
                 ids = sorted(set(args.ids))
                 marks = ",".join("?" * len(ids))
-                states = {
-                    row["id"]: row["state"]
+                found = {
+                    row["id"]: row
                     for row in await store.fetchall(
-                        f"SELECT id, state FROM conversions WHERE id IN ({marks})",  # noqa: S608
+                        f"SELECT id, state, event_time FROM conversions WHERE id IN ({marks})",  # noqa: S608
                         ids,
                     )
                 }
                 wrong = [
-                    f"{i} does not exist" if i not in states else f"{i} is {states[i]}"
+                    f"{i} {why}"
                     for i in ids
-                    if states.get(i) != "failed"
+                    if (why := _not_retryable(found.get(i), now - max_age, too_old)) is not None
                 ]
                 if wrong:
                     # All or nothing: a mistyped id must not leave the operator guessing what was done.
-                    raise CommandError(f"failed retry: nothing requeued: {', '.join(wrong)}, not failed")
-                count = await store.requeue_failed(ids, time.time())
+                    raise CommandError(f"failed retry: nothing requeued: {'; '.join(wrong)}")
+                count = await store.requeue_failed(ids, now, now - max_age)
             print(f"requeued {count} event(s); the running daemon sends them within a second")
+            if left:
+                print(f"left {left} failed: each is {too_old}")
             return 0
         finally:
             await store.close()
 
     return asyncio.run(go())
+
+
+def _not_retryable(row: sqlite3.Row | None, oldest_event_time: float, too_old: str) -> str | None:
+    if row is None:
+        return "does not exist"
+    if row["state"] != "failed":
+        return f"is {row['state']}, not failed"
+    if row["event_time"] < oldest_event_time:
+        return f"is {too_old}"
+    return None
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -309,16 +309,19 @@ class Config:
         return _pixel_name(self.settings.pixels, ref)
 
     def route_pixel(self, refs: Sequence[str]) -> str:
-        """The first of `refs` that names a configured pixel (by name or code), else default_pixel.
+        """The pixel an event goes to: the first of `refs` (by name or code), else default_pixel.
 
-        A reference can outlive the config (a pixel removed since the click was registered); the
-        event then goes to the next candidate rather than nowhere.
+        A reference can outlive the config (a pixel removed or renamed since the click or postback
+        named it). It is returned as written, and `configured()` says it is not there: such an event
+        waits for the pixel to come back rather than going to another pixel, which may be another
+        advertiser's.
         """
-        for ref in refs:
-            name = _pixel_name(self.settings.pixels, ref)
-            if name is not None:
-                return name
+        if refs:
+            return _pixel_name(self.settings.pixels, refs[0]) or refs[0]
         return _pixel_name(self.settings.pixels, self.settings.default_pixel) or self.settings.default_pixel
+
+    def configured(self, pixel: str) -> bool:
+        return pixel in self.settings.pixels
 
     def pixel(self, name: str) -> PixelConfig:
         return self.settings.pixels[name]

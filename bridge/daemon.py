@@ -35,6 +35,12 @@ log = get_logger("bridge.daemon")
 PRUNE_EVERY_SECONDS = 3600.0
 
 
+DRY_RUN = (
+    "DRY RUN: tiktok.dry_run is true; nothing is sent to TikTok, events are only logged "
+    "and marked delivered_dry_run. Set tiktok.dry_run: false to deliver."
+)
+
+
 class Daemon:
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -54,10 +60,7 @@ class Daemon:
         config = self.config
         settings = config.settings
         if settings.tiktok.dry_run:
-            log.warning(
-                "DRY RUN: tiktok.dry_run is true; nothing is sent to TikTok, events are only logged "
-                "and marked delivered_dry_run. Set tiktok.dry_run: false to deliver."
-            )
+            log.warning(DRY_RUN)
         for warning in config.warnings:
             log.warning("config", problem=warning)
         if is_loopback(settings.server.host) and not settings.server.trusted_proxies:
@@ -231,19 +234,32 @@ class Daemon:
         ]
         for name in unchangeable:
             log.warning("reload: this setting takes effect only after a restart", setting=name)
-        # A removed pixel's waiting events are routed anew (down the chain) on their next attempt: now.
+        # Their waiting events are looked at again now: a changed token is tried at once, a pixel put
+        # back gets the events that waited for it (recorded under its name, or its code if a click or
+        # postback named it so), and a removed pixel's events say at once that they wait for it.
         changed = [
             name for name, pixel in new.settings.pixels.items() if old.settings.pixels.get(name) != pixel
         ] + [name for name in old.settings.pixels if name not in new.settings.pixels]
         self.runtime.config = new
         if changed:
             self.worker.pixel_changed(changed)
-            released = await self.runtime.store.make_due(time.time(), changed)
+            codes = [new.settings.pixels[name].code for name in changed if name in new.settings.pixels]
+            released = await self.runtime.store.make_due(time.time(), [*changed, *codes])
             log.info(
                 "reload: pixels changed or removed; their waiting events are due now",
                 pixels=changed,
                 events=released,
             )
+        if new.settings.tiktok.dry_run != old.settings.tiktok.dry_run:
+            if new.settings.tiktok.dry_run:
+                # Events already waiting were meant for TikTok, and they too are marked, not sent.
+                log.warning(
+                    DRY_RUN,
+                    pending_events=await self.runtime.store.pending_count(),
+                    note="events already waiting are marked delivered_dry_run too when due, not sent later",
+                )
+            else:
+                log.info("tiktok.dry_run is false: events are sent to TikTok again")
         for warning in new.warnings:
             log.warning("config", problem=warning)
         if self.listeners is not None:

@@ -16,6 +16,13 @@ FIX_HELD = (
     "or restart if it comes from the environment file"
 )
 
+# Events whose pixel (named by their click or postback) is no longer in the config wait this long
+# between looks, and a reload that brings the pixel back makes them due at once.
+FIX_UNCONFIGURED = (
+    "put a pixel with this name or code back in the config and reload; until "
+    "then its events wait, and expire after delivery.max_event_age"
+)
+
 
 @dataclass(frozen=True)
 class Backoff:

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from bridge.enrich import MATCH_KEYS
-from bridge.retry import FIX_HELD
+from bridge.retry import FIX_HELD, FIX_UNCONFIGURED
 from bridge.runtime import Runtime
 from bridge.store import STATES, Store
 
@@ -14,6 +14,10 @@ from bridge.store import STATES, Store
 _KEY_SUMS = ", ".join(f"SUM(instr(',' || match_keys || ',', ',{key},') > 0) AS {key}" for key in MATCH_KEYS)
 _COVERAGE = f"""SELECT sent_pixel AS pixel, COUNT(*) AS n, {_KEY_SUMS} FROM conversions
 WHERE match_keys IS NOT NULL AND sent_pixel IS NOT NULL GROUP BY sent_pixel"""  # noqa: S608 -- constant keys
+
+
+# Where stats lists events the worker has not looked at yet.
+NOT_ROUTED = "(not yet routed)"
 
 
 async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
@@ -43,7 +47,7 @@ async def collect(store: Store, now: float | None = None) -> dict[str, Any]:
         totals[row["state"]] += row["n"]
         if row["state"] == "ignored" and not row["pixel"]:
             continue  # never meant for a pixel: counted in the totals and by reason, below
-        entry = pixel_entry(row["pixel"] or "(not yet routed)")
+        entry = pixel_entry(row["pixel"] or NOT_ROUTED)
         entry["states"][row["state"]] = row["n"]
         if row["state"] == "pending" and row["oldest"] is not None:
             age = max(0.0, now - row["oldest"])
@@ -106,7 +110,8 @@ async def refresh_gauges(runtime: Runtime, now: float | None = None) -> None:
         "MIN(c.received_at) AS oldest FROM conversions c LEFT JOIN clicks k ON k.click_id = c.click_id "
         "WHERE c.state = 'pending' GROUP BY 1, 2"
     ):
-        # Routed as the worker routes: a name the config lacks never becomes a label.
+        # Routed as the worker routes. A pixel no longer in the config keeps its events (they wait for
+        # it), so its name stays a label while they do.
         pixel = config.route_pixel([ref for ref in (row["click_ref"], row["ref"]) if ref])
         depth[pixel] = depth.get(pixel, 0) + row["n"]
         oldest[pixel] = max(oldest.get(pixel, 0.0), now - row["oldest"])
@@ -138,12 +143,17 @@ def format_stats(summary: dict[str, Any]) -> str:
             f"TEST EVENTS for {', '.join(summary['test_event_pixels'])}: test_event_code is set in the"
             " config, so their events are not counted as conversions"
         )
+    unconfigured = summary.get("unconfigured_pixels", ())
     for pixel, entry in sorted(summary["pixels"].items()):
-        lines.append(
-            f"pixel {pixel}: " + ("healthy" if entry["healthy"] else "HELD (token or permission error)")
-        )
-        if not entry["healthy"]:
-            lines.append(f"  {FIX_HELD}")
+        if pixel in unconfigured:
+            lines.append(f"pixel {pixel}: NOT IN THE CONFIG, its pending events wait for it")
+            lines.append(f"  {FIX_UNCONFIGURED}")
+        else:
+            lines.append(
+                f"pixel {pixel}: " + ("healthy" if entry["healthy"] else "HELD (token or permission error)")
+            )
+            if not entry["healthy"]:
+                lines.append(f"  {FIX_HELD}")
         lines.append("  " + ", ".join(f"{s} {n}" for s, n in entry["states"].items() if n))
         if entry["oldest_pending_seconds"] is not None:
             lines.append(f"  oldest pending: {entry['oldest_pending_seconds']:.0f}s")

@@ -492,6 +492,9 @@ class Store:
             (pixel, int(healthy), code, error, now),
         )
 
+    async def pending_count(self) -> int:
+        return await self._scalar("SELECT COUNT(*) FROM conversions WHERE state = 'pending'") or 0
+
     async def next_due_at(self) -> float | None:
         return await self._scalar("SELECT MIN(next_attempt_at) FROM conversions WHERE state = 'pending'")
 
@@ -543,7 +546,8 @@ class Store:
         return rows[0] if rows else None
 
     async def prune(self, now: float, clicks_age: float, finished_age: float) -> tuple[int, int]:
-        """Delete clicks and finished conversions past retention; pending ones are never pruned.
+        """Delete clicks and finished conversions past retention. Pending conversions are never pruned,
+        nor the clicks they belong to: a click fills in the event when it is sent, not before.
 
         In slices of PRUNE_SLICE rows, each its own short transaction, so the first prune of a
         large database never holds up ingest (which waits for the same lock) for long.
@@ -551,8 +555,8 @@ class Store:
         totals = []
         for sql, cutoff in (
             (
-                "DELETE FROM clicks WHERE click_id IN "
-                "(SELECT click_id FROM clicks WHERE created_at < ? LIMIT ?)",
+                "DELETE FROM clicks WHERE click_id IN (SELECT click_id FROM clicks WHERE created_at < ? "
+                "AND click_id NOT IN (SELECT click_id FROM conversions WHERE state = 'pending') LIMIT ?)",
                 now - clicks_age,
             ),
             (
@@ -571,15 +575,18 @@ class Store:
             totals.append(total)
         return totals[0], totals[1]
 
-    async def requeue_failed(self, ids: Sequence[int] | None, now: float) -> int:
-        """Move dead letters (all, or the given ids) back to pending with a fresh attempt count."""
+    async def requeue_failed(self, ids: Sequence[int] | None, now: float, oldest_event_time: float) -> int:
+        """Move dead letters (all, or the given ids) back to pending with a fresh attempt count; those
+        whose event_time is before `oldest_event_time` stay failed (they would only expire)."""
         sql = (
             "UPDATE conversions SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-            "finished_at = NULL WHERE state = 'failed'"
+            "finished_at = NULL WHERE state = 'failed' AND event_time >= ?"
         )
         if ids is None:
-            return await self._write(_execute, sql, (now,))
-        return await self._write(_execute_many, sql + " AND id = ?", [(now, i) for i in ids])
+            return await self._write(_execute, sql, (now, oldest_event_time))
+        return await self._write(
+            _execute_many, sql + " AND id = ?", [(now, oldest_event_time, i) for i in ids]
+        )
 
 
 class _WriteTurn:

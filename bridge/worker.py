@@ -19,7 +19,7 @@ import aiohttp
 from bridge.enrich import pixel_refs
 from bridge.logs import get_logger
 from bridge.pacing import Pacer
-from bridge.retry import FIX_HELD, HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
+from bridge.retry import FIX_HELD, FIX_UNCONFIGURED, HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
 from bridge.runtime import PixelHealth, Runtime
 from bridge.store import (
     DELIVERED,
@@ -219,6 +219,7 @@ class Worker:
         outcomes: list[Outcome] = []
         batches: dict[str, list[Item]] = defaultdict(list)
         routes: dict[tuple[str, ...], str] = {}
+        unconfigured: Counter[str] = Counter()
         for row in rows:
             keys = row["match_keys"]
             refs = pixel_refs(row)
@@ -244,11 +245,25 @@ class Worker:
                     Outcome(row["id"], UNMATCHED, count_attempt=False, sent_pixel=pixel, match_keys="")
                 )
                 continue
+            if not config.configured(pixel):
+                unconfigured[pixel] += 1
+                outcomes.append(
+                    self._retry(row, pixel, None, now + HELD_PIXEL_RETRY, count=False, error=UNCONFIGURED)
+                )
+                continue
             wait_until = self._gate(pixel, now)
             if wait_until > now + GATE_SLACK_SECONDS:
                 outcomes.append(self._wait(row, pixel, wait_until))
                 continue
             batches[pixel].append(row)
+        for pixel, events in unconfigured.items():
+            log.warning(
+                "events wait: their pixel is not in the config",
+                pixel=pixel,
+                events=events,
+                retry_in=HELD_PIXEL_RETRY,
+                fix=FIX_UNCONFIGURED,
+            )
 
         sent = await asyncio.gather(*(self._deliver_pixel(pixel, items) for pixel, items in batches.items()))
         for pixel_outcomes in sent:
@@ -419,7 +434,16 @@ class Worker:
             answered=answer is not None,
         )
 
-    def _retry(self, item: Item, pixel: str, answer: Answer | None, at: float, *, count: bool) -> Outcome:
+    def _retry(
+        self,
+        item: Item,
+        pixel: str,
+        answer: Answer | None,
+        at: float,
+        *,
+        count: bool,
+        error: str | None = None,
+    ) -> Outcome:
         return Outcome(
             item["id"],
             PENDING,
@@ -427,7 +451,7 @@ class Worker:
             count_attempt=count,
             sent_pixel=pixel,
             code=answer.code if answer else None,
-            error=answer.message if answer else None,
+            error=answer.message if answer else error,
             match_keys=item["match_keys"],
             answered=answer is not None,
         )
@@ -489,6 +513,9 @@ class Worker:
         health.last_error = answer.message
         await self.runtime.store.set_pixel_status(pixel, healthy, answer.code, answer.message, now)
 
+
+# The last error of an event that waits for its pixel to be put back in the config.
+UNCONFIGURED = "its pixel is not in the config"
 
 # Final states that mean TikTok did not get the event: one line each (delivered ones share their batch's).
 NOT_DELIVERED = (FAILED, EXPIRED, UNMATCHED)

@@ -6,10 +6,12 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge.cli import main
 from bridge.matching import sha256_hex
@@ -140,6 +142,26 @@ def test_explain_hashes_identifiers(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert json.loads(out)["event"]["user"]["email"] == [sha256_hex("alice@example.com")]
 
 
+def test_explain_warns_that_an_event_older_than_max_event_age_would_expire(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tracker = {
+        "name": "net",
+        "params": {"click_id": "cid", "status": "st", "ttclid": "tt", "event_time": "ts"},
+        "events": {"ok": "Lead"},
+    }
+    path = write_config(tmp_path, base_settings(), {"net": tracker})
+    eight_days_ago = int(time.time()) - 8 * 86400
+    url = f"/postback/net?cid=1&st=ok&tt=E.C.P.1&ts={eight_days_ago}"
+    code, result = explain(capsys, path, url)
+    assert (code, result["result"]) == (0, "accepted")
+    assert result["warning"] == (
+        "event_time is older than delivery.max_event_age: it would be recorded, then expire unsent"
+    )
+    code, result = explain(capsys, path, f"/postback/net?cid=1&st=ok&tt=E.C.P.1&ts={int(time.time()) - 3600}")
+    assert "warning" not in result
+
+
 def test_explain_says_why_a_status_is_ignored(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, result = explain(capsys, config_path, "/postback/keitaro?subid=abc&status=trash")
     assert code == 0
@@ -228,6 +250,23 @@ async def test_explain_reads_the_click_from_the_database(
     assert result["click_found"] is True
     assert result["pixel"] == "second"
     assert result["event"]["user"]["ttclid"] == "E.C.P.stored"
+
+
+async def test_explain_warns_when_the_clicks_pixel_is_no_longer_in_the_config(
+    bridge: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await bridge.click(click_id="gone1", ttclid="E.C.P.gone", pixel="second")
+    settings = yaml.safe_load(bridge.config.path.read_text())
+    del settings["pixels"]["second"]
+    bridge.config.path.write_text(yaml.safe_dump(settings))
+
+    code, out, _ = await asyncio.to_thread(
+        run_cli, capsys, "explain", "-c", str(bridge.config.path), "/postback/keitaro?subid=gone1&status=lead"
+    )
+    result = json.loads(out)
+    assert code == 0
+    assert (result["pixel"], result["pixel_code"]) == ("second", None)
+    assert "pixel 'second', which is not in the config" in result["warning"]
 
 
 async def test_explain_knows_a_duplicate_and_a_rebill_from_the_database(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import time
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge.cli import main
+from bridge.config import load_config
 from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
 
 
@@ -137,6 +141,25 @@ async def test_stats_text_names_the_held_pixel_and_why(
     assert "reload if the token is in the config file, or restart if it comes from the environment" in out
     assert "[40001]" in out and "No permission" in out
     assert "pixel main: healthy" in out
+
+
+async def test_stats_names_a_pixel_gone_from_the_config_whose_events_wait_for_it(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await lead(bridge, "g1", "second")
+    settings = yaml.safe_load(bridge.config.path.read_text())
+    del settings["pixels"]["second"]
+    bridge.config.path.write_text(yaml.safe_dump(settings))
+    bridge.runtime.config = load_config(bridge.config.path, environ={})
+    await bridge.deliver()
+
+    _, text, _ = await cli(capsys, bridge, "stats")
+    assert "pixel second: NOT IN THE CONFIG, its pending events wait for it" in text
+    assert "put a pixel with this name or code back in the config and reload" in text
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+    stats = json.loads(out)
+    assert stats["unconfigured_pixels"] == ["second"]
+    assert stats["pixels"]["second"]["states"]["pending"] == 1
 
 
 async def test_stats_shows_a_pixel_healthy_again_after_its_token_is_accepted(
@@ -286,6 +309,34 @@ async def test_retrying_an_id_that_is_not_failed_exits_non_zero_with_one_line(
     assert f"{delivered} is delivered" in line and "999999 does not exist" in line
     # Nothing was requeued, not even the id that was failed.
     assert (await bridge.row(ids[0]))["state"] == "failed"
+
+
+async def test_a_dead_letter_too_old_to_send_is_not_requeued_and_the_operator_is_told(
+    make_bridge: BridgeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge, ids = await dead_letters(make_bridge, 2)
+    week_ago = time.time() - bridge.config.settings.delivery.max_event_age - 60
+    await asyncio.to_thread(_set_event_time, bridge, ids[0], week_ago)
+
+    code, out, err = await cli(capsys, bridge, "failed", "retry", str(ids[0]), str(ids[1]))
+    assert code != 0 and out == ""
+    assert f"{ids[0]} is older than delivery.max_event_age (604800 s), so it would only expire" in err
+    assert await bridge.states() == {"failed": 2}
+
+    code, out, _ = await cli(capsys, bridge, "failed", "retry", "--all")
+    assert code == 0
+    assert out.splitlines() == [
+        "requeued 1 event(s); the running daemon sends them within a second",
+        "left 1 failed: each is older than delivery.max_event_age (604800 s), so it would only expire",
+    ]
+    assert ((await bridge.row(ids[0]))["state"], (await bridge.row(ids[1]))["state"]) == ("failed", "pending")
+
+
+def _set_event_time(bridge: Bridge, conversion_id: int, event_time: float) -> None:
+    db = sqlite3.connect(bridge.config.db_path)
+    with db:
+        db.execute("UPDATE conversions SET event_time = ? WHERE id = ?", (int(event_time), conversion_id))
+    db.close()
 
 
 async def test_failed_retry_needs_ids_or_all(bridge: Bridge, capsys: pytest.CaptureFixture[str]) -> None:

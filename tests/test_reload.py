@@ -183,3 +183,50 @@ async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_
     # The 40001 was for the old token: no five-minute hold, the new token is tried at once.
     await bridge.deliver()
     assert received == ["race_Lead"]
+
+
+async def test_a_pixel_taken_out_by_sighup_keeps_its_events_until_sighup_puts_it_back(
+    daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
+) -> None:
+    settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
+    await start(daemon, settings)
+    await lead(daemon, "r0", pixel="second")
+    await daemon.wait_log(lambda line: line["event"].startswith("pixel held"))
+
+    second = settings["pixels"].pop("second")
+    rewrite(daemon, settings)
+    daemon.signal(signal.SIGHUP)
+    waiting = await daemon.wait_log(
+        lambda line: line["event"] == "events wait: their pixel is not in the config"
+    )
+    assert (waiting["pixel"], waiting["events"]) == ("second", 1)
+
+    settings["pixels"]["second"] = {**second, "access_token": SECOND_TOKEN}
+    rewrite(daemon, settings)
+    daemon.signal(signal.SIGHUP)
+    # Promptly, not after the wait of HELD_PIXEL_RETRY; and only ever to the pixel the click named.
+    await fake.wait_for(lambda: any(r.answer_code == 0 for r in fake.requests), timeout=10)
+    assert [(r.pixel, r.token, r.answer_code) for r in fake.requests] == [
+        (SECOND_CODE, WRONG_TOKEN, 40001),
+        (SECOND_CODE, SECOND_TOKEN, 0),
+    ]
+    assert rows(daemon) == [("r0_Lead", "delivered")]
+
+
+async def test_sighup_that_turns_dry_run_on_warns_with_the_events_it_will_not_send(
+    daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
+) -> None:
+    settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
+    await start(daemon, settings)
+    for i in range(2):
+        await lead(daemon, f"d{i}", pixel="second")
+    await daemon.wait_log(lambda line: line["event"].startswith("pixel held"))
+
+    rewrite(daemon, {**settings, "tiktok": {**settings["tiktok"], "dry_run": True}})
+    daemon.signal(signal.SIGHUP)
+    warning = await daemon.wait_log(lambda line: line["event"].startswith("DRY RUN"))
+    assert (warning["level"], warning["pending_events"]) == ("warning", 2)
+
+    rewrite(daemon, settings)
+    daemon.signal(signal.SIGHUP)
+    await daemon.wait_log(lambda line: line["event"].startswith("tiktok.dry_run is false"))

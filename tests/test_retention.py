@@ -6,7 +6,7 @@ import sqlite3
 import time
 
 from bridge.store import PRUNE_SLICE
-from tests.conftest import Bridge
+from tests.conftest import SECOND_CODE, Bridge
 
 
 async def test_prune_removes_more_than_one_slice_and_keeps_pending(bridge: Bridge) -> None:
@@ -33,3 +33,26 @@ async def test_prune_removes_more_than_one_slice_and_keeps_pending(bridge: Bridg
     assert await bridge.states() == {"pending": 1}
     rows = await bridge.store.fetchall("SELECT click_id FROM clicks")
     assert [r["click_id"] for r in rows] == ["fresh"]
+
+
+async def test_prune_keeps_the_click_of_a_conversion_still_waiting_to_be_sent(bridge: Bridge) -> None:
+    await bridge.click(click_id="w1", ttclid="E.C.P.w1", pixel="second")
+    await bridge.postback("keitaro", subid="w1", status="lead")
+    bridge.fake.fail_next(1, "50002")
+    await bridge.deliver()
+    assert await bridge.states() == {"pending": 1}
+    db = sqlite3.connect(bridge.config.db_path)
+    with db:
+        db.execute("UPDATE clicks SET created_at = ?", (time.time() - 40 * 86400,))
+    db.close()
+
+    assert await bridge.store.prune(time.time(), 30 * 86400, 30 * 86400) == (0, 0)
+
+    # The click still fills in the event: its ttclid, and the pixel it named.
+    bridge.clock.advance(3600)
+    await bridge.deliver()
+    assert await bridge.states() == {"delivered": 1}
+    sent = [(r.pixel, [e["user"]["ttclid"] for e in r.body["data"]]) for r in bridge.fake.requests]
+    assert sent[-1] == (SECOND_CODE, ["E.C.P.w1"])
+    # Sent: now the click goes like any other past retention.
+    assert await bridge.store.prune(time.time(), 30 * 86400, 30 * 86400) == (1, 0)

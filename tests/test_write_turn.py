@@ -79,8 +79,8 @@ WRITES: dict[str, tuple[Callable[[Store], Awaitable[object]], str]] = {
     "make_due of a pixel": (lambda s: s.make_due(time.time(), ["main"]), DUE_NOW),
     # An outage probe: the event waiting an hour becomes due now.
     "bring_forward": (lambda s: s.bring_forward(time.time(), "main"), DUE_NOW),
-    "requeue_failed": (lambda s: s.requeue_failed(None, time.time()), REQUEUED),
-    "requeue_failed of ids": (lambda s: s.requeue_failed([2], time.time()), REQUEUED),
+    "requeue_failed": (lambda s: s.requeue_failed(None, time.time(), 0.0), REQUEUED),
+    "requeue_failed of ids": (lambda s: s.requeue_failed([2], time.time(), 0.0), REQUEUED),
     "prune": (lambda s: s.prune(time.time(), 30 * 86400, 30 * 86400), "SELECT COUNT(*) = 0 FROM clicks"),
     "set_pixel_status": (
         lambda s: s.set_pixel_status("main", False, 40001, "token", time.time()),
