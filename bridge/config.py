@@ -510,6 +510,7 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         raise ConfigError(problems + unblamed(_validation_problems(path, exc))) from None
     problems.extend(unblamed(_settings_problems(path, settings)))
     warnings.extend(_test_event_warnings(path, settings))
+    warnings.extend(_retention_warnings(path, settings))
 
     trackers: dict[str, TrackerConfig] = {}
     origin: dict[str, Path] = {}
@@ -589,6 +590,18 @@ def _test_event_warnings(path: Path, settings: Settings) -> list[str]:
         f"{path}: pixels.{name}.test_event_code: set, so every event sent for this pixel is a test event"
         " (shown under Test Events, not counted as a conversion); clear it once the test is done"
         for name in settings.test_event_pixels()
+    ]
+
+
+def _retention_warnings(path: Path, settings: Settings) -> list[str]:
+    """Repeats are known by the recorded conversions: once one is pruned, a resend is new again."""
+    kept, max_age = settings.retention.finished_conversions, settings.delivery.max_event_age
+    if kept >= max_age:
+        return []
+    return [
+        f"{path}: retention.finished_conversions: {kept:g} s is shorter than delivery.max_event_age"
+        f" ({max_age:g} s): a tracker's resend of a conversion pruned already is taken as new and sent"
+        " again (and a rebill after it loses its _{transaction_id} suffix)"
     ]
 
 

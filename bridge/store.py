@@ -560,8 +560,12 @@ class Store:
                 now - clicks_age,
             ),
             (
+                # Never the newest row: new ids follow the largest one (see _insert_conversions), and
+                # a conversion_id given to a tracker, written in a log line or kept for `failed retry`
+                # must not name another conversion later.
                 "DELETE FROM conversions WHERE id IN (SELECT id FROM conversions "
-                "WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?)",
+                "WHERE finished_at IS NOT NULL AND finished_at < ? "
+                "AND id < (SELECT MAX(id) FROM conversions) LIMIT ?)",
                 now - finished_age,
             ),
         ):

@@ -466,6 +466,21 @@ def test_a_test_event_code_left_in_is_warned_about_and_named_in_the_mode(
     assert warnings_of(write(tmp_path, settings), capsys) == []
 
 
+def test_finished_conversions_kept_shorter_than_events_are_sent_is_warned_about(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["retention"] = {"finished_conversions": 86400}
+    path = write(tmp_path, settings)
+
+    assert warnings_of(path, capsys) == [
+        f"{path}: retention.finished_conversions: 86400 s is shorter than delivery.max_event_age (604800 s):"
+        " a tracker's resend of a conversion pruned already is taken as new and sent again (and a rebill"
+        " after it loses its _{transaction_id} suffix)"
+    ]
+    settings["retention"] = {"finished_conversions": 604800}
+    assert warnings_of(write(tmp_path, settings), capsys) == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root reads a file other users cannot")
 def test_a_file_the_service_user_cannot_read_is_warned_about_when_root_checks_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -56,3 +56,18 @@ async def test_prune_keeps_the_click_of_a_conversion_still_waiting_to_be_sent(br
     assert sent[-1] == (SECOND_CODE, ["E.C.P.w1"])
     # Sent: now the click goes like any other past retention.
     assert await bridge.store.prune(time.time(), 30 * 86400, 30 * 86400) == (1, 0)
+
+
+async def test_a_conversion_id_is_never_given_again_after_pruning(bridge: Bridge) -> None:
+    ids = []
+    for click_id in ("a", "b"):
+        _, body = await bridge.postback(
+            "keitaro", subid=click_id, external_id=f"E.C.P.{click_id}", status="lead"
+        )
+        ids.append(body["conversion_id"])
+    await bridge.deliver()
+
+    # Everything is past retention; the newest row stays, so the next id is still new.
+    assert await bridge.store.prune(time.time() + 100 * 86400, 30 * 86400, 30 * 86400) == (0, 1)
+    _, body = await bridge.postback("keitaro", subid="c", external_id="E.C.P.c", status="lead")
+    assert body["conversion_id"] not in ids and body["conversion_id"] > max(ids)
