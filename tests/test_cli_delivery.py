@@ -120,11 +120,12 @@ async def test_stats_json_shows_oldest_pending_age_and_match_key_coverage(
     bridge: Bridge, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await mixed(bridge)
+    await asyncio.to_thread(_received_an_hour_earlier, bridge, "h1")
 
     _, out, _ = await cli(capsys, bridge, "stats", "--json")
 
     second = json.loads(out)["pixels"]["second"]
-    assert second["oldest_pending_seconds"] >= 0
+    assert 3600 <= second["oldest_pending_seconds"] < 3600 + 600
     assert second["coverage"]["ttclid"] == 1.0
     assert second["coverage"]["email"] == 0.0
 
@@ -330,6 +331,13 @@ async def test_a_dead_letter_too_old_to_send_is_not_requeued_and_the_operator_is
         "left 1 failed: each is older than delivery.max_event_age (604800 s), so it would only expire",
     ]
     assert ((await bridge.row(ids[0]))["state"], (await bridge.row(ids[1]))["state"]) == ("failed", "pending")
+
+
+def _received_an_hour_earlier(bridge: Bridge, click_id: str) -> None:
+    db = sqlite3.connect(bridge.config.db_path)
+    with db:
+        db.execute("UPDATE conversions SET received_at = received_at - 3600 WHERE click_id = ?", (click_id,))
+    db.close()
 
 
 def _set_event_time(bridge: Bridge, conversion_id: int, event_time: float) -> None:

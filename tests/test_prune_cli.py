@@ -27,7 +27,12 @@ async def cli(*args: str) -> tuple[int, str, str]:
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # timed out: the command must not outlive the test
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
