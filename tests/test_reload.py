@@ -70,14 +70,22 @@ def rows(daemon: DaemonProcess) -> list[tuple[Any, ...]]:
         db.close()
 
 
+async def start_with_second_held(
+    daemon: DaemonProcess, settings: dict[str, Any], click_ids: list[str], pixel: str
+) -> None:
+    """Start with a token TikTok refuses for pixel `second`, and a lead per click id routed to it
+    (`pixel` names it, by name or code) that TikTok has refused: the pixel is held."""
+    settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
+    await start(daemon, settings)
+    for click_id in click_ids:
+        await lead(daemon, click_id, pixel=pixel)
+    await daemon.wait_log(lambda line: line["event"].startswith("pixel held"))
+
+
 async def test_a_held_pixel_delivers_everything_it_held_once_sighup_loads_a_fixed_token(
     daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
 ) -> None:
-    settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
-    await start(daemon, settings)
-    for i in range(3):
-        await lead(daemon, f"h{i}", pixel=SECOND_CODE)
-    await daemon.wait_log(lambda line: line["event"].startswith("pixel held"))
+    await start_with_second_held(daemon, settings, [f"h{i}" for i in range(3)], SECOND_CODE)
 
     settings["pixels"]["second"]["access_token"] = SECOND_TOKEN
     rewrite(daemon, settings)
@@ -188,10 +196,7 @@ async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_
 async def test_a_pixel_taken_out_by_sighup_keeps_its_events_until_sighup_puts_it_back(
     daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
 ) -> None:
-    settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
-    await start(daemon, settings)
-    await lead(daemon, "r0", pixel="second")
-    await daemon.wait_log(lambda line: line["event"].startswith("pixel held"))
+    await start_with_second_held(daemon, settings, ["r0"], "second")
 
     second = settings["pixels"].pop("second")
     rewrite(daemon, settings)
@@ -216,11 +221,7 @@ async def test_a_pixel_taken_out_by_sighup_keeps_its_events_until_sighup_puts_it
 async def test_sighup_that_turns_dry_run_on_warns_with_the_events_it_will_not_send(
     daemon: DaemonProcess, settings: dict[str, Any], fake: FakeTikTok
 ) -> None:
-    settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
-    await start(daemon, settings)
-    for i in range(2):
-        await lead(daemon, f"d{i}", pixel="second")
-    await daemon.wait_log(lambda line: line["event"].startswith("pixel held"))
+    await start_with_second_held(daemon, settings, ["d0", "d1"], "second")
 
     rewrite(daemon, {**settings, "tiktok": {**settings["tiktok"], "dry_run": True}})
     daemon.signal(signal.SIGHUP)
