@@ -16,8 +16,9 @@ FIX_HELD = (
     "or restart if it comes from the environment file"
 )
 
-# Events whose pixel (named by their click or postback) is no longer in the config wait this long
-# between looks, and a reload that brings the pixel back makes them due at once.
+# How events are freed whose pixel (named by their click or postback) is no longer in the config.
+# They are looked at again every HELD_PIXEL_RETRY seconds; a reload that brings the pixel back makes
+# them due at once.
 FIX_UNCONFIGURED = (
     "put a pixel with this name or code back in the config and reload; until "
     "then its events wait, and expire after delivery.max_event_age"
