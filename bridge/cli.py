@@ -20,7 +20,7 @@ from bridge import __version__
 from bridge.config import Config, ConfigError, load_config, resolve_config_path, unreadable_by_the_service
 from bridge.enrich import explain as explain_event
 from bridge.logs import configure
-from bridge.mapping import BadParameter, build_conversion, ignored_why
+from bridge.mapping import BadParameter, build_conversion, check_pixel, ignored_why
 from bridge.retry import FIX_UNCONFIGURED
 from bridge.store import Recorded, Store, StoreUnavailable, rebill_event_id, repeat_of
 from bridge.tiktok import TikTokClient, build_payload
@@ -111,6 +111,7 @@ def explain(
         return {"result": "rejected", "status": 400, "why": str(unreadable)}
     try:
         conversion = build_conversion(tracker, params, now, config.settings.matching.default_phone_region)
+        check_pixel(conversion, config)
     except BadParameter as exc:
         return {"result": "rejected", "status": 400, "why": str(exc)}
     if conversion.event is None:
@@ -144,7 +145,7 @@ def explain(
         "match_keys": list(prepared.match_keys),
         "event": prepared.event,
     }
-    if time.time() - conversion.event_time > config.settings.delivery.max_event_age:
+    if now - conversion.event_time > config.settings.delivery.max_event_age:
         result["warning"] = (
             "event_time is older than delivery.max_event_age: it would be recorded, then expire unsent"
         )

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bridge.config import CURRENCIES, TrackerConfig
+from bridge.config import CURRENCIES, Config, TrackerConfig
 from bridge.matching import HashedIdentifiers, hash_identifiers, scrub_url
 
 # Longest value accepted per canonical field; anything longer is a 400 naming the field.
@@ -162,6 +162,12 @@ def parse_currency(text: str | None, default: str) -> str:
     if code not in CURRENCIES:
         raise BadParameter("currency", f"not a three-letter ISO 4217 code: {text[:16]!r}")
     return code
+
+
+def check_pixel(conversion: Conversion, config: Config) -> None:
+    """Tracker and status-route pixels are checked with the config; only the postback's own can be unknown."""
+    if conversion.pixel is not None and config.pixel_name(conversion.pixel) is None:
+        raise BadParameter("pixel", "not a configured pixel name or code")
 
 
 def parse_event_time(text: str | None, received_at: float) -> int:

@@ -547,7 +547,8 @@ class Store:
 
     async def prune(self, now: float, clicks_age: float, finished_age: float) -> tuple[int, int]:
         """Delete clicks and finished conversions past retention. Pending conversions are never pruned,
-        nor the clicks they belong to: a click fills in the event when it is sent, not before.
+        nor the clicks of pending or failed ones (`failed retry` sends those again): a click fills in
+        its event when the event is sent, not before.
 
         In slices of PRUNE_SLICE rows, each its own short transaction, so the first prune of a
         large database never holds up ingest (which waits for the same lock) for long.
@@ -556,7 +557,8 @@ class Store:
         for sql, cutoff in (
             (
                 "DELETE FROM clicks WHERE click_id IN (SELECT click_id FROM clicks WHERE created_at < ? "
-                "AND click_id NOT IN (SELECT click_id FROM conversions WHERE state = 'pending') LIMIT ?)",
+                "AND click_id NOT IN (SELECT click_id FROM conversions WHERE state IN ('pending', 'failed')) "
+                "LIMIT ?)",
                 now - clicks_age,
             ),
             (

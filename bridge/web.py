@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from bridge.config import Network, TrackerConfig
 from bridge.listeners import from_listener_process
 from bridge.logs import get_logger
-from bridge.mapping import BadParameter, build_click, build_conversion, plain_address
+from bridge.mapping import BadParameter, build_click, build_conversion, check_pixel, plain_address
 from bridge.metrics import CONTENT_TYPE
 from bridge.runtime import Runtime
 from bridge.stats import refresh_gauges
@@ -229,9 +229,7 @@ async def postback(request: web.Request) -> web.Response:
         conversion = build_conversion(
             tracker, params, time.time(), config.settings.matching.default_phone_region
         )
-        # Tracker and status-route pixels are checked with the config; only the postback's own can be unknown.
-        if conversion.pixel is not None and config.pixel_name(conversion.pixel) is None:
-            raise BadParameter("pixel", "not a configured pixel name or code")
+        check_pixel(conversion, config)
     except BadParameter as exc:
         metrics.inc(metrics.postbacks, name, "rejected")
         log.info("postback rejected", tracker=name, why=str(exc))

@@ -247,9 +247,7 @@ class Worker:
                 continue
             if not config.configured(pixel):
                 unconfigured[pixel] += 1
-                outcomes.append(
-                    self._retry(row, pixel, None, now + HELD_PIXEL_RETRY, count=False, error=UNCONFIGURED)
-                )
+                outcomes.append(self._unconfigured(row, pixel, now))
                 continue
             wait_until = self._gate(pixel, now)
             if wait_until > now + GATE_SLACK_SECONDS:
@@ -268,6 +266,16 @@ class Worker:
         sent = await asyncio.gather(*(self._deliver_pixel(pixel, items) for pixel, items in batches.items()))
         for pixel_outcomes in sent:
             outcomes.extend(pixel_outcomes)
+        if unconfigured and any(self.runtime.config.configured(pixel) for pixel in unconfigured):
+            # A reload put the pixel back while the cycle's requests were out; it made due what was
+            # recorded as waiting, not these, which are recorded only now: they are due now too.
+            restored = self.clock()
+            outcomes = [
+                dataclasses.replace(o, next_attempt_at=restored)
+                if o.error == UNCONFIGURED and self.runtime.config.configured(o.sent_pixel or "")
+                else o
+                for o in outcomes
+            ]
         return outcomes
 
     def _gate(self, pixel: str, now: float) -> float:
@@ -316,6 +324,12 @@ class Worker:
             outage = self.outages.get(pixel)
             if index and outage is not None:
                 wait_until = max(wait_until, outage.probe_at)
+            if not self.runtime.config.configured(pixel):
+                # A reload took the pixel out since these were routed: they wait for it, like the others.
+                outcomes.extend(
+                    self._unconfigured(item, pixel, now) for rest in chunks[index:] for item in rest
+                )
+                break
             if index and self._stopping.is_set():
                 # Shutting down: what is not on its way yet stays due, for the next start.
                 outcomes.extend(self._wait(item, pixel, now) for rest in chunks[index:] for item in rest)
@@ -455,6 +469,11 @@ class Worker:
             match_keys=item["match_keys"],
             answered=answer is not None,
         )
+
+    def _unconfigured(self, item: Item, pixel: str, now: float) -> Outcome:
+        """Not sent: the pixel is not in the config (any more). Looked at again after a while, or at
+        once when a reload puts it back."""
+        return self._retry(item, pixel, None, now + HELD_PIXEL_RETRY, count=False, error=UNCONFIGURED)
 
     def _wait(self, item: Item, pixel: str, until: float) -> Outcome:
         """Not sent: the pixel is paced, held or down. Waiting costs the event no attempt."""

@@ -206,6 +206,20 @@ def test_explain_says_why_a_postback_is_rejected(
     assert "unsubstituted macro" in result["why"]
 
 
+def test_explain_rejects_a_postback_naming_an_unknown_pixel_as_the_listener_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tracker = {
+        "name": "net",
+        "params": {"click_id": "cid", "status": "st", "pixel": "px"},
+        "events": {"ok": "Lead"},
+    }
+    path = write_config(tmp_path, base_settings(), {"net": tracker})
+    code, result = explain(capsys, path, "/postback/net?cid=1&st=ok&px=NOPE")
+    assert (code, result["status"]) == (1, 400)
+    assert result["why"] == "pixel: not a configured pixel name or code"
+
+
 def test_explain_checks_the_key_without_showing_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

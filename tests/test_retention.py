@@ -6,7 +6,7 @@ import sqlite3
 import time
 
 from bridge.store import PRUNE_SLICE
-from tests.conftest import SECOND_CODE, Bridge
+from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
 
 
 async def test_prune_removes_more_than_one_slice_and_keeps_pending(bridge: Bridge) -> None:
@@ -71,3 +71,22 @@ async def test_a_conversion_id_is_never_given_again_after_pruning(bridge: Bridge
     assert await bridge.store.prune(time.time() + 100 * 86400, 30 * 86400, 30 * 86400) == (0, 1)
     _, body = await bridge.postback("keitaro", subid="c", external_id="E.C.P.c", status="lead")
     assert body["conversion_id"] not in ids and body["conversion_id"] > max(ids)
+
+
+async def test_prune_keeps_the_click_of_a_dead_letter_that_failed_retry_may_send_again(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 1}))
+    await bridge.click(click_id="f1", ttclid="E.C.P.f1", pixel="second")
+    await bridge.postback("keitaro", subid="f1", status="lead")
+    bridge.fake.fail_next(1, "50002")
+    await bridge.deliver()
+    assert await bridge.states() == {"failed": 1}
+    db = sqlite3.connect(bridge.config.db_path)
+    with db:
+        db.execute("UPDATE clicks SET created_at = ?", (time.time() - 40 * 86400,))
+    db.close()
+
+    assert await bridge.store.prune(time.time(), 30 * 86400, 30 * 86400) == (0, 0)
+    rows = await bridge.store.fetchall("SELECT click_id, pixel FROM clicks")
+    assert [tuple(r) for r in rows] == [("f1", "second")]
