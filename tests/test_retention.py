@@ -41,10 +41,7 @@ async def test_prune_keeps_the_click_of_a_conversion_still_waiting_to_be_sent(br
     bridge.fake.fail_next(1, "50002")
     await bridge.deliver()
     assert await bridge.states() == {"pending": 1}
-    db = sqlite3.connect(bridge.config.db_path)
-    with db:
-        db.execute("UPDATE clicks SET created_at = ?", (time.time() - 40 * 86400,))
-    db.close()
+    age_every_click(bridge, 40 * 86400)
 
     assert await bridge.store.prune(time.time(), 30 * 86400, 30 * 86400) == (0, 0)
 
@@ -82,11 +79,16 @@ async def test_prune_keeps_the_click_of_a_dead_letter_that_failed_retry_may_send
     bridge.fake.fail_next(1, "50002")
     await bridge.deliver()
     assert await bridge.states() == {"failed": 1}
-    db = sqlite3.connect(bridge.config.db_path)
-    with db:
-        db.execute("UPDATE clicks SET created_at = ?", (time.time() - 40 * 86400,))
-    db.close()
+    age_every_click(bridge, 40 * 86400)
 
     assert await bridge.store.prune(time.time(), 30 * 86400, 30 * 86400) == (0, 0)
     rows = await bridge.store.fetchall("SELECT click_id, pixel FROM clicks")
     assert [tuple(r) for r in rows] == [("f1", "second")]
+
+
+def age_every_click(bridge: Bridge, seconds: float) -> None:
+    """Every stored click registered `seconds` ago."""
+    db = sqlite3.connect(bridge.config.db_path)
+    with db:
+        db.execute("UPDATE clicks SET created_at = ?", (time.time() - seconds,))
+    db.close()
