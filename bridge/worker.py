@@ -45,6 +45,9 @@ IDLE_SECONDS = 1.0
 STOP_GRACE_SECONDS = 5.0
 # A pacing or hold deadline this close is treated as reached (the clock moves while a cycle runs).
 GATE_SLACK_SECONDS = 0.05
+# A part of a batch split for a bad event waits this long at most, within the cycle, for the pixel's
+# pacing; a longer wait (the last answer held, slowed or failed the pixel) leaves it for a later cycle.
+SPLIT_PACE_SECONDS = 1.0
 # A claimed event: a row of bridge.enrich.events_sql (its JSON text, match keys, pixel candidates).
 Item = sqlite3.Row
 
@@ -59,6 +62,7 @@ class Outage:
 
     failures: int = 0  # consecutive transient answers
     probe_at: float = 0.0  # when to probe with a waiting event if nothing was sent to the pixel since
+    retry_at: float = 0.0  # no request to the pixel before this (probes excepted: it is <= probe_at)
 
 
 class Worker:
@@ -280,8 +284,13 @@ class Worker:
         return outcomes
 
     def _gate(self, pixel: str, now: float) -> float:
-        """The earliest time the pixel may be sent to: held (token) or paced (rate)."""
-        return max(self.held_until.get(pixel, 0.0), self._pacer(pixel).next_send_at(now))
+        """The earliest time the pixel may be sent to: held (token), paced (rate) or failing (outage)."""
+        outage = self.outages.get(pixel)
+        return max(
+            self.held_until.get(pixel, 0.0),
+            self._pacer(pixel).next_send_at(now),
+            outage.retry_at if outage is not None else 0.0,
+        )
 
     async def _probe_outages(self, now: float) -> int:
         """Bring one waiting event forward for each pixel whose last request failed and that nothing
@@ -322,9 +331,6 @@ class Worker:
         for index, chunk in enumerate(chunks):
             now = self.clock()
             wait_until = self._gate(pixel, now)
-            outage = self.outages.get(pixel)
-            if index and outage is not None:
-                wait_until = max(wait_until, outage.probe_at)
             if not self.runtime.config.configured(pixel):
                 # A reload took the pixel out since these were routed: they wait for it, like the others.
                 outcomes.extend(
@@ -387,7 +393,14 @@ class Worker:
             outage = self.outages.setdefault(pixel, Outage())
             outage.failures += 1
             outage.probe_at = now + RECOVERY_PROBE.delay(outage.failures, self.rand())
-            return [self._transient(item, pixel, answer, now) for item in items]
+            failed = [self._transient(item, pixel, answer, now) for item in items]
+            # The pixel's next request goes when the first of these events is due again (their own
+            # backoff) or at the next probe, whichever comes first, with everything due by then; not
+            # with each cycle's new events, which asked a TikTok that was down several times a second.
+            # Waiting for it costs an event no attempt.
+            again = min((o.next_attempt_at for o in failed if o.state == PENDING), default=now)
+            outage.retry_at = min(outage.probe_at, again)
+            return failed
         # Any other answer came from TikTok itself: it is reachable again.
         outage = self.outages.pop(pixel, None)
         if answer.kind is Kind.DELIVERED:
@@ -426,15 +439,32 @@ class Worker:
             # event then goes through alone the index was wrong, and the rest is bisected instead.
             suspects: list[Outcome] = []
             for i in named:
-                suspects.extend(await self._send(pixel, [items[i]]))
+                suspects.extend(await self._send_part(pixel, [items[i]]))
             confirmed = all(o.state == FAILED for o in suspects)
             rest = [item for i, item in enumerate(items) if i not in set(named)]
-            return [*suspects, *await self._send(pixel, rest, use_indices=confirmed)]
+            return [*suspects, *await self._send_part(pixel, rest, use_indices=confirmed)]
         middle = len(items) // 2
         return [
-            *await self._send(pixel, items[:middle], use_indices=False),
-            *await self._send(pixel, items[middle:], use_indices=False),
+            *await self._send_part(pixel, items[:middle], use_indices=False),
+            *await self._send_part(pixel, items[middle:], use_indices=False),
         ]
+
+    async def _send_part(self, pixel: str, items: list[Item], *, use_indices: bool = True) -> list[Outcome]:
+        """Send part of a batch refused for a bad event, paced like any request to the pixel.
+
+        Bisecting a batch that TikTok refuses as a whole takes up to 2n - 1 requests; without pacing
+        they went out back to back. If the last answer held the pixel, slowed it down or failed
+        transiently, the part waits for a later cycle instead, and costs no attempt.
+        """
+        now = self.clock()
+        wait_until = self._gate(pixel, now)
+        if wait_until - now > SPLIT_PACE_SECONDS or self._stopping.is_set():
+            return [self._wait(item, pixel, wait_until) for item in items]
+        if wait_until > now:
+            await self._sleep(wait_until - now)
+            if self._stopping.is_set():
+                return [self._wait(item, pixel, self.clock()) for item in items]
+        return await self._send(pixel, items, use_indices=use_indices)
 
     def _finished(self, item: Item, state: str, pixel: str, answer: Answer | None = None) -> Outcome:
         return Outcome(

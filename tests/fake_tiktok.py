@@ -72,6 +72,7 @@ class Request:
     event_ids: list[str] = field(default_factory=list)
     answer_code: int | None = None
     http_status: int = 200
+    at: float = 0.0  # when it arrived, by time.monotonic()
 
 
 class _Invalid(Exception):
@@ -196,6 +197,7 @@ class FakeTikTok:
         self.hang_seconds: float = 30.0
         self.url: str = ""
         self._failures: deque[str] = deque()
+        self._failing: dict[int, str] = {}  # by the index the request will have in self.requests
         self._poisoned: dict[str, str] = {}
         self._hanging: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
@@ -212,6 +214,12 @@ class FakeTikTok:
         if kind not in FAILURE_KINDS:
             raise ValueError(f"unknown failure kind {kind!r}, expected one of {sorted(FAILURE_KINDS)}")
         self._failures.extend([kind] * n)
+
+    def fail_request(self, number: int, kind: str) -> None:
+        """Fail the `number`-th request from now (1: the next one), answering the others as usual."""
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"unknown failure kind {kind!r}, expected one of {sorted(FAILURE_KINDS)}")
+        self._failing[len(self.requests) + number - 1] = kind
 
     def poison(self, event_id: str, message: str = "invalid value") -> None:
         self._poisoned[event_id] = message
@@ -267,6 +275,7 @@ class FakeTikTok:
         )
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         raw = await request.read()
         token = request.headers.get("Access-Token")
         body: dict | None = None
@@ -278,10 +287,15 @@ class FakeTikTok:
         pixel = pixel if isinstance(pixel, str) else None
 
         def record(answer_code: int | None, http_status: int) -> None:
-            self.requests.append(Request(pixel, token, body, _event_ids_of(body), answer_code, http_status))
+            self.requests.append(
+                Request(pixel, token, body, _event_ids_of(body), answer_code, http_status, arrived)
+            )
 
         request_id = self._request_id()
         # Injected failures come before validation: a gateway or an overloaded backend never reads the body.
+        scheduled = self._failing.pop(len(self.requests), None)
+        if scheduled is not None:
+            return await self._fail(request, scheduled, request_id, record)
         if self._failures:
             return await self._fail(request, self._failures.popleft(), request_id, record)
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from yarl import URL
 
+from bridge.pacing import Pacer
 from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
 from bridge.runtime import Runtime
 from bridge.stats import collect
@@ -337,6 +338,44 @@ async def test_a_bad_event_is_found_by_splitting_when_tiktok_does_not_say_which(
     assert await bridge.states() == {"delivered": 8, "failed": 1}
 
 
+async def test_a_batch_refused_event_by_event_is_split_at_the_pixels_pace(bridge: Bridge) -> None:
+    ids = [await lead(bridge, f"w{i}") for i in range(6)]
+    for i in range(6):
+        bridge.fake.poison(f"w{i}_Lead")
+
+    await bridge.deliver()
+
+    # Every event was refused alone too, which took 2n - 1 requests ...
+    assert await bridge.states() == {"failed": 6}
+    assert [(await bridge.row(i))["last_code"] for i in ids] == [40002] * 6
+    arrivals = [r.at for r in bridge.fake.requests]
+    assert len(arrivals) == 11
+    # ... spaced as the pixel's pacing spaces any requests, not sent back to back. (A little less than
+    # the spacing is allowed: it is kept between the requests' starts, and this measures arrivals.)
+    spacing = 1 / Pacer().rate
+    assert min(b - a for a, b in itertools.pairwise(arrivals)) >= spacing * 0.8
+
+
+async def test_a_transient_answer_while_splitting_leaves_the_rest_of_the_batch_for_later(
+    bridge: Bridge,
+) -> None:
+    ids = [await lead(bridge, f"t{i}") for i in range(4)]
+    bridge.fake.poison("t1_Lead")
+    bridge.fake.fail_request(2, "50002")  # the bad event, sent alone, meets an outage
+
+    await bridge.deliver()
+
+    # Nothing more was sent after the failure; the rest waits, and only the event that was sent
+    # used an attempt.
+    assert len(bridge.fake.requests) == 2
+    assert [(await bridge.row(i))["attempts"] for i in ids] == [0, 1, 0, 0]
+    assert await bridge.states() == {"pending": 4}
+
+    await retry_when_due(bridge)
+    assert sorted(bridge.fake.event_ids()) == ["t0_Lead", "t2_Lead", "t3_Lead"]
+    assert await bridge.states() == {"delivered": 3, "failed": 1}
+
+
 async def test_an_event_too_old_when_due_expires_and_is_never_sent(make_bridge: BridgeFactory) -> None:
     bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_event_age": 3600}))
     conversion_id = await lead(bridge, "old")
@@ -455,6 +494,42 @@ async def test_a_fifteen_minute_outage_drains_within_a_minute_of_recovery(bridge
     # ... and no event came near its max_attempts (20 by default).
     rows = await bridge.store.fetchall("SELECT MAX(attempts) AS most FROM conversions")
     assert rows[0]["most"] <= most_tries(recovery - start) < 20
+
+
+async def test_a_tiktok_that_is_down_is_not_asked_again_with_every_new_conversion(bridge: Bridge) -> None:
+    bridge.worker.rand = random.Random(7).random
+    fake = bridge.fake
+    port = URL(fake.url).port
+    await fake.close()  # TikTok unreachable: every request is refused at once
+    bridge.clock.freeze()
+    start = bridge.clock()
+    arrived: list[int] = []
+    request_times: list[float] = []
+
+    # For two minutes a conversion arrives every half second, and the worker runs four times a second.
+    while bridge.clock() < start + 120:
+        if bridge.clock() >= start + len(arrived) * 0.5:
+            arrived.append(await lead(bridge, f"d{len(arrived)}"))
+        before = attempts_made(bridge)
+        await bridge.deliver()
+        if attempts_made(bridge) > before:
+            request_times.append(bridge.clock())
+        bridge.clock.advance(0.25)
+
+    # TikTok was asked when the first event of the last failed request was due again, with everything
+    # due by then: never sooner than the shortest first retry, not with each new conversion.
+    shortest_retry = Backoff().delay(1, 0.0)
+    assert min(b - a for a, b in itertools.pairwise(request_times)) >= shortest_retry
+    assert len(request_times) <= 120 / shortest_retry + 1
+    rows = await bridge.store.fetchall("SELECT MIN(attempts) AS least FROM conversions")
+    assert rows[0]["least"] >= 1  # every conversion was in a request, however late it arrived
+
+    await fake.start("127.0.0.1", port)
+    for _ in range(int(RECOVERY_PROBE.cap) + 2):
+        await bridge.deliver()
+        bridge.clock.advance(1)
+    assert await bridge.states() == {"delivered": len(arrived)}
+    assert sorted(fake.event_ids()) == sorted(f"d{i}_Lead" for i in range(len(arrived)))
 
 
 def most_tries(seconds: float) -> int:
