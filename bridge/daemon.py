@@ -155,6 +155,7 @@ class Daemon:
             await runner.cleanup()
             await session.close()
             await store.close()
+            runtime.lines.flush()
             if self._lock_file is not None:
                 self._lock_file.close()
             if self._rundir is not None:

@@ -211,6 +211,7 @@ async def _serve(config_path: Path, socket_fd: int, daemon_pipe: int) -> None:
         await runner.cleanup()
         await main.close()
         await store.close()
+        runtime.lines.flush()
 
 
 def _reload(runtime: Runtime) -> None:

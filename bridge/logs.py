@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json as _json  # `json` is configure()'s argument
 import logging
 import re
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import structlog
@@ -231,6 +233,70 @@ class Logger:
         return getattr(self._structlog, name)
 
 
+# journald drops a service's lines beyond RateLimitBurst (10 000) in RateLimitIntervalSec (30 s), about
+# 330 a second, and then drops its warnings and errors with the rest. Lines written once per request
+# or per event are therefore capped, each kind on its own; what is over is counted and summed up in one
+# line a second. /metrics counts every request, and the database keeps every conversion.
+LINES_PER_SECOND = 100
+
+
+class LineBudget:
+    """At most `limit` lines of each per-request kind a second; one summary line for the ones skipped."""
+
+    def __init__(self, limit: int = LINES_PER_SECOND, clock: Any = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._kinds: dict[str, _Kind] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def allow(self, kind: str, label: str) -> bool:
+        """Whether a line of `kind` may be written now; if not, it is counted under `label`."""
+        state = self._kinds.get(kind)
+        if state is None:
+            state = self._kinds[kind] = _Kind()
+        now = self.clock()
+        if now >= state.window_end:
+            self._summarise(kind, state)
+            state.window_end = now + 1.0
+            state.written = 0
+        if state.written < self.limit:
+            state.written += 1
+            return True
+        state.skipped[label] = state.skipped.get(label, 0) + 1
+        if self._timer is None:
+            # The burst may end here: the summary must not wait for a next line that never comes.
+            with contextlib.suppress(RuntimeError):  # no event loop: the next allow() or flush() writes it
+                self._timer = asyncio.get_running_loop().call_later(1.0, self.flush)
+        return False
+
+    def flush(self) -> None:
+        """Write the summary of every kind that skipped lines (at the end of a burst, and at exit)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for kind, state in self._kinds.items():
+            self._summarise(kind, state)
+
+    def _summarise(self, kind: str, state: _Kind) -> None:
+        if not state.skipped:
+            return
+        skipped, state.skipped = state.skipped, {}
+        _budget_log.warning(
+            "log lines skipped",
+            kind=kind,
+            lines=sum(skipped.values()),
+            by=skipped,
+            why=f"more than {self.limit} a second; /metrics counts every one",
+        )
+
+
+@dataclass(slots=True)
+class _Kind:
+    window_end: float = 0.0  # the end of the current second, by LineBudget.clock
+    written: int = 0  # lines written in it
+    skipped: dict[str, int] = field(default_factory=dict)  # since the last summary, by label
+
+
 def flush() -> None:
     """Write out log lines that wait for the event loop's next turn (at exit)."""
     if _LINES is not None:
@@ -298,3 +364,6 @@ def configure(stream: TextIO | None = None, json: bool | None = None, level: int
 
 def get_logger(name: str) -> Logger:
     return Logger(name)
+
+
+_budget_log = get_logger("bridge.logs")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bridge.config import Config
+from bridge.logs import LineBudget
 from bridge.metrics import Metrics
 from bridge.store import Store
 
@@ -32,6 +33,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     health: dict[str, PixelHealth] = field(default_factory=dict)
     worker_running: bool = False
+    # Lines written per request or per event: capped, so journald never drops the warnings among them.
+    lines: LineBudget = field(default_factory=LineBudget)
     # In a listener process: the daemon, which answers /readyz and /metrics for the whole bridge.
     main_process: MainProcess | None = None
 

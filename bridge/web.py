@@ -202,12 +202,16 @@ async def postback(request: web.Request) -> web.Response:
     if tracker is None:
         # Tracker names come from the URL: counted under one label, never as a label of their own.
         metrics.inc(metrics.postbacks, "(unknown)", "unknown_tracker")
-        log.warning("postback refused", tracker=name[:64], why="unknown tracker (no such tracker file)")
+        if runtime.lines.allow("postback refused", "unknown tracker"):
+            log.warning("postback refused", tracker=name[:64], why="unknown tracker (no such tracker file)")
         return _json(404, {"error": "unknown tracker"})
     source = client_ip(request, config.settings.server.trusted_proxies)
     if tracker.allow_ips and not _ip_in(source, tracker.allow_ips):
         metrics.inc(metrics.postbacks, name, "forbidden")
-        log.warning("postback refused", tracker=name, source=source, why="source address not in allow_ips")
+        if runtime.lines.allow("postback refused", name):
+            log.warning(
+                "postback refused", tracker=name, source=source, why="source address not in allow_ips"
+            )
         return _json(403, {"error": "source address not allowed"})
     unreadable: BadParameter | None = None
     try:
@@ -219,11 +223,13 @@ async def postback(request: web.Request) -> web.Response:
     given = request.query.get("key") if unreadable is not None else params.get("key")
     if not _key_ok(tracker, given):
         metrics.inc(metrics.postbacks, name, "forbidden")
-        log.warning("postback refused", tracker=name, source=source, why="wrong or missing key")
+        if runtime.lines.allow("postback refused", name):
+            log.warning("postback refused", tracker=name, source=source, why="wrong or missing key")
         return _json(403, {"error": "wrong or missing key"})
     if unreadable is not None:
         metrics.inc(metrics.postbacks, name, "rejected")
-        log.info("postback rejected", tracker=name, why=str(unreadable))
+        if runtime.lines.allow("postback rejected", name):
+            log.info("postback rejected", tracker=name, why=str(unreadable))
         return _json(400, {"error": str(unreadable)})
     try:
         conversion = build_conversion(
@@ -232,29 +238,32 @@ async def postback(request: web.Request) -> web.Response:
         check_pixel(conversion, config)
     except BadParameter as exc:
         metrics.inc(metrics.postbacks, name, "rejected")
-        log.info("postback rejected", tracker=name, why=str(exc))
+        if runtime.lines.allow("postback rejected", name):
+            log.info("postback rejected", tracker=name, why=str(exc))
         return _json(400, {"error": str(exc)})
     try:
         ingested = await runtime.store.add_conversion(conversion)
     except StoreUnavailable as exc:
         metrics.inc(metrics.postbacks, name, "unavailable")
-        log.error("postback not stored", tracker=name, click_id=conversion.click_id, why=str(exc))
+        if runtime.lines.allow("postback not stored", name):
+            log.error("postback not stored", tracker=name, click_id=conversion.click_id, why=str(exc))
         return _json(503, {"error": "temporarily unavailable, retry later"})
     for field_name in conversion.dropped:
         metrics.inc(metrics.dropped_identifiers, field_name)
     metrics.inc(metrics.postbacks, name, ingested.result)
-    log.info(
-        "postback",
-        tracker=name,
-        click_id=conversion.click_id,
-        status=conversion.status,
-        tiktok_event=conversion.event,
-        event_id=ingested.event_id,
-        result=ingested.result,
-        conversion_id=ingested.conversion_id,
-        reason=conversion.ignored_reason,
-        dropped=list(conversion.dropped) or None,
-    )
+    if runtime.lines.allow("postback", ingested.result):
+        log.info(
+            "postback",
+            tracker=name,
+            click_id=conversion.click_id,
+            status=conversion.status,
+            tiktok_event=conversion.event,
+            event_id=ingested.event_id,
+            result=ingested.result,
+            conversion_id=ingested.conversion_id,
+            reason=conversion.ignored_reason,
+            dropped=list(conversion.dropped) or None,
+        )
     if ingested.result == "accepted":
         return _json(
             200,
@@ -337,7 +346,8 @@ async def click(request: web.Request) -> web.Response:
         await runtime.store.add_click(registration)
     except StoreUnavailable as exc:
         metrics.inc(metrics.clicks, "unavailable")
-        log.error("click not stored", why=str(exc))
+        if runtime.lines.allow("click not stored", "click"):
+            log.error("click not stored", why=str(exc))
         return web.Response(status=503, text="temporarily unavailable\n", headers=CORS_HEADERS)
     for field_name in registration.dropped:
         metrics.inc(metrics.dropped_identifiers, field_name)

@@ -208,10 +208,11 @@ class Worker:
             self._probes.pop(row["id"], None)
         by_id = {row["id"]: row for row in rows}
         finished: Counter[tuple[str, str]] = Counter()
+        lines = self.runtime.lines
         for outcome in outcomes:
             if outcome.state != PENDING:
                 finished[outcome.sent_pixel or "", outcome.state] += 1
-            if outcome.state in NOT_DELIVERED:
+            if outcome.state in NOT_DELIVERED and lines.allow("event not delivered", outcome.state):
                 _log_not_delivered(by_id[outcome.id], outcome)
         for (pixel, state), events in finished.items():
             self.runtime.metrics.delivered.labels(pixel, state).inc(events)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 import structlog
 
 from bridge import logs
-from tests.conftest import MAIN_CODE, MAIN_TOKEN, Bridge, BridgeFactory
+from tests.conftest import MAIN_CODE, MAIN_TOKEN, Bridge, BridgeFactory, Clock
 
 
 class Captured(io.StringIO):
@@ -143,6 +145,62 @@ async def test_delivered_events_share_their_batchs_line(bridge: Bridge, out: Cap
     await bridge.deliver()
 
     assert [line["event"] for line in out.lines()[before:]] == ["batch"]
+
+
+def skipped_lines(out: Captured, kind: str) -> tuple[int, dict[str, int]]:
+    """How many lines of `kind` the summaries say were skipped, in all and by label."""
+    total, by = 0, Counter[str]()
+    for summary in out.find("log lines skipped"):
+        if summary["kind"] == kind:
+            assert summary["level"] == "warning"
+            total += summary["lines"]
+            by.update(summary["by"])
+    return total, dict(by)
+
+
+async def test_a_burst_of_postbacks_writes_a_hundred_lines_a_second_and_counts_the_rest(
+    bridge: Bridge, out: Captured
+) -> None:
+    # Over journald's default limit (10 000 lines in 30 s) it drops the service's lines, warnings too.
+    clock = bridge.runtime.lines.clock = Clock()  # the budget's own: the bridge's runs on
+    clock.freeze()  # the burst falls in one second of the budget, however slow the machine
+    for i in range(logs.LINES_PER_SECOND + 20):
+        await bridge.postback("keitaro", **{**SALE, "subid": f"burst-{i}"})
+    for i in range(10):
+        await bridge.postback("keitaro", **{**SALE, "subid": f"burst-{i}"})  # duplicates
+    # Other kinds of lines have budgets of their own: the burst does not silence a refusal.
+    await bridge.postback("nosuch", subid="x")
+    assert len(out.find("postback refused")) == 1
+
+    clock.advance(1.0)
+    await bridge.postback("keitaro", **{**SALE, "subid": "after"})
+
+    written = out.find("postback")
+    assert len(written) == logs.LINES_PER_SECOND + 1
+    assert written[-1]["click_id"] == "after"
+    assert skipped_lines(out, "postback") == (30, {"accepted": 20, "duplicate": 10})
+    assert skipped_lines(out, "postback refused") == (0, {})
+
+
+async def test_lines_skipped_at_the_end_of_a_burst_are_summed_up_without_a_next_request(
+    bridge: Bridge, out: Captured
+) -> None:
+    bridge.runtime.lines.clock = Clock()
+    bridge.runtime.lines.clock.freeze()
+    for i in range(logs.LINES_PER_SECOND + 5):
+        # Nothing to match TikTok's user by: each becomes unmatched, with a line saying so.
+        await bridge.postback("keitaro", subid=f"bare-{i}", status="lead")
+    await bridge.deliver()
+    assert len(out.find("event not delivered")) == logs.LINES_PER_SECOND
+
+    # Nothing more arrives; the summaries come a second later all the same.
+    for _ in range(100):
+        if skipped_lines(out, "event not delivered")[0]:
+            break
+        await asyncio.sleep(0.05)
+    assert skipped_lines(out, "postback") == (5, {"accepted": 5})
+    assert skipped_lines(out, "event not delivered") == (5, {"unmatched": 5})
+    assert await bridge.states() == {"unmatched": logs.LINES_PER_SECOND + 5}
 
 
 async def test_requests_leave_no_access_log_lines(bridge: Bridge, out: Captured) -> None:
