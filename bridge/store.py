@@ -137,6 +137,11 @@ _CONVERSION_FIELDS = (
 
 
 PRUNE_SLICE = 2000
+# A slice refused with "database is locked" is asked for again, after a pause, for this long: the write
+# turn can be held past the busy timeout without anything being wrong. (A commit runs SQLite's automatic
+# checkpoint in the turn, and after a reader held the WAL back for minutes, copying it back takes seconds.)
+PRUNE_PATIENCE = 60.0
+PRUNE_PAUSE = 1.0
 
 
 class StoreUnavailable(Exception):
@@ -573,13 +578,25 @@ class Store:
         ):
             total = 0
             while True:
-                deleted = await self._write(_execute, sql, (cutoff, PRUNE_SLICE))
+                deleted = await self._prune_slice(sql, cutoff)
                 total += deleted
                 if deleted < PRUNE_SLICE:
                     break
                 await asyncio.sleep(0)  # let waiting commits through between slices
             totals.append(total)
         return totals[0], totals[1]
+
+    async def _prune_slice(self, sql: str, cutoff: float) -> int:
+        """One slice of prune; refused with "database is locked", asked for again for PRUNE_PATIENCE,
+        with a pause between tries that lets the database thread serve the worker."""
+        deadline = time.monotonic() + PRUNE_PATIENCE
+        while True:
+            try:
+                return await self._write(_execute, sql, (cutoff, PRUNE_SLICE))
+            except sqlite3.OperationalError as exc:
+                if not str(exc).startswith("database is locked") or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(PRUNE_PAUSE)
 
     async def requeue_failed(self, ids: Sequence[int] | None, now: float, oldest_event_time: float) -> int:
         """Move dead letters (all, or the given ids) back to pending with a fresh attempt count; those

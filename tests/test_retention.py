@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import time
+from pathlib import Path
 
-from bridge.store import PRUNE_SLICE
+from bridge.mapping import Click
+from bridge.store import PRUNE_SLICE, Store
 from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
 
 
@@ -84,6 +88,37 @@ async def test_prune_keeps_the_click_of_a_dead_letter_that_failed_retry_may_send
     assert await bridge.store.prune(time.time(), 30 * 86400, 30 * 86400) == (0, 0)
     rows = await bridge.store.fetchall("SELECT click_id, pixel FROM clicks")
     assert [tuple(r) for r in rows] == [("f1", "second")]
+
+
+async def test_prune_waits_out_the_checkpoint_of_a_wal_that_a_reader_held_back(tmp_path: Path) -> None:
+    """A reader's open transaction (a slow `stats`, a monitoring script) keeps the WAL from being copied
+    back; once it ends, the next commit copies it all in its automatic checkpoint, holding the write
+    turn longer than the busy timeout. Prune waits for it rather than failing until the next hour."""
+    store = await Store(tmp_path / "bridge.db", busy_timeout=0.01).open()
+    try:
+        old = time.time() - 40 * 86400
+        with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM clicks").fetchone()
+            # About 90 MB of WAL that the open read keeps from being copied back.
+            with contextlib.closing(sqlite3.connect(store.path)) as other, other:
+                other.executemany(
+                    "INSERT INTO clicks (click_id, url, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                    [(f"old{i}", "u" * 1000, old, old) for i in range(20000)],
+                )
+            reader.execute("COMMIT")
+
+        ingest = store.add_click(Click(click_id="fresh"))
+        deadline = time.monotonic() + 10
+        while not store._write_lock._thread_lock.locked():  # its commit is checkpointing
+            assert time.monotonic() < deadline, "the ingest group never took the write turn"
+            await asyncio.sleep(0.001)
+        pruned = await store.prune(time.time(), 30 * 86400, 30 * 86400)
+        await ingest
+    finally:
+        await store.close()
+
+    assert pruned == (20000, 0)
 
 
 def age_every_click(bridge: Bridge, seconds: float) -> None:
