@@ -48,6 +48,9 @@ GATE_SLACK_SECONDS = 0.05
 # A part of a batch split for a bad event waits this long at most, within the cycle, for the pixel's
 # pacing; a longer wait (the last answer held, slowed or failed the pixel) leaves it for a later cycle.
 SPLIT_PACE_SECONDS = 1.0
+# A split goes on within one cycle for this long at most: the rest of the batch is due again at once,
+# and the next cycle (other pixels' events with it) carries on with it.
+SPLIT_BUDGET_SECONDS = 10.0
 # A claimed event: a row of bridge.enrich.events_sql (its JSON text, match keys, pixel candidates).
 Item = sqlite3.Row
 
@@ -75,6 +78,7 @@ class Worker:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         stop_grace: float = STOP_GRACE_SECONDS,
+        split_budget: float = SPLIT_BUDGET_SECONDS,
     ) -> None:
         self.runtime = runtime
         self.session = session
@@ -82,6 +86,7 @@ class Worker:
         self.clock = clock
         self.rand = rand
         self.stop_grace = stop_grace
+        self.split_budget = split_budget
         self.pacers: dict[str, Pacer] = {}
         # Python-side state here is a cache of what TikTok last said, never the truth about events:
         # a restart forgets it and every event simply follows its own schedule in the database.
@@ -356,7 +361,9 @@ class Worker:
                 outcomes.extend(self._transient(item, pixel, answer, self.clock()) for item in chunk)
         return outcomes
 
-    async def _send(self, pixel: str, items: list[Item], *, use_indices: bool = True) -> list[Outcome]:
+    async def _send(
+        self, pixel: str, items: list[Item], *, use_indices: bool = True, split_since: float | None = None
+    ) -> list[Outcome]:
         runtime = self.runtime
         settings = runtime.config.settings
         pixel_config = runtime.config.pixel(pixel)
@@ -434,30 +441,36 @@ class Worker:
         # BAD_REQUEST: one bad event fails the whole batch; split it until the bad ones stand alone.
         if len(items) == 1:
             return [self._finished(items[0], FAILED, pixel, answer)]
+        since = loop_started if split_since is None else split_since
         named = sorted({i for i in answer.bad_indices if i < len(items)}) if use_indices else []
         if named and len(named) < len(items):
             # TikTok names the bad event by its index: send it alone and the rest together. If a named
             # event then goes through alone the index was wrong, and the rest is bisected instead.
             suspects: list[Outcome] = []
             for i in named:
-                suspects.extend(await self._send_part(pixel, [items[i]]))
+                suspects.extend(await self._send_part(pixel, [items[i]], since))
             confirmed = all(o.state == FAILED for o in suspects)
             rest = [item for i, item in enumerate(items) if i not in set(named)]
-            return [*suspects, *await self._send_part(pixel, rest, use_indices=confirmed)]
+            return [*suspects, *await self._send_part(pixel, rest, since, use_indices=confirmed)]
         middle = len(items) // 2
         return [
-            *await self._send_part(pixel, items[:middle], use_indices=False),
-            *await self._send_part(pixel, items[middle:], use_indices=False),
+            *await self._send_part(pixel, items[:middle], since, use_indices=False),
+            *await self._send_part(pixel, items[middle:], since, use_indices=False),
         ]
 
-    async def _send_part(self, pixel: str, items: list[Item], *, use_indices: bool = True) -> list[Outcome]:
+    async def _send_part(
+        self, pixel: str, items: list[Item], since: float, *, use_indices: bool = True
+    ) -> list[Outcome]:
         """Send part of a batch refused for a bad event, paced like any request to the pixel.
 
         Bisecting a batch that TikTok refuses as a whole takes up to 2n - 1 requests; without pacing
         they went out back to back. If the last answer held the pixel, slowed it down or failed
-        transiently, the part waits for a later cycle instead, and costs no attempt.
+        transiently, the part waits for a later cycle instead, and costs no attempt; so does a part
+        of a split that has held the cycle for `split_budget` seconds since `since` (time.monotonic()).
         """
         now = self.clock()
+        if time.monotonic() - since > self.split_budget:
+            return [self._wait(item, pixel, now) for item in items]
         wait_until = self._gate(pixel, now)
         if wait_until - now > SPLIT_PACE_SECONDS or self._stopping.is_set():
             return [self._wait(item, pixel, wait_until) for item in items]
@@ -465,7 +478,7 @@ class Worker:
             await self._sleep(wait_until - now)
             if self._stopping.is_set():
                 return [self._wait(item, pixel, self.clock()) for item in items]
-        return await self._send(pixel, items, use_indices=use_indices)
+        return await self._send(pixel, items, use_indices=use_indices, split_since=since)
 
     def _finished(self, item: Item, state: str, pixel: str, answer: Answer | None = None) -> Outcome:
         return Outcome(

@@ -356,6 +356,26 @@ async def test_a_batch_refused_event_by_event_is_split_at_the_pixels_pace(bridge
     assert min(b - a for a, b in itertools.pairwise(arrivals)) >= spacing * 0.8
 
 
+async def test_a_long_split_gives_the_cycle_back_and_goes_on_in_the_next(bridge: Bridge) -> None:
+    ids = [await lead(bridge, f"v{i}") for i in range(8)]
+    for i in range(8):
+        bridge.fake.poison(f"v{i}_Lead")
+    # Paced at 20 requests a second, a split of 8 events refused one by one takes 15 requests, 0.7 s.
+    bridge.worker.split_budget = 0.4
+
+    await bridge.worker.run_once()
+
+    # The cycle ended with part of the batch judged and the rest due again, none of it charged.
+    states = await bridge.states()
+    assert 0 < states["failed"] < 8 and states["pending"] == 8 - states["failed"]
+    waiting = [await bridge.row(i) for i in ids]
+    assert all(row["attempts"] == 0 for row in waiting if row["state"] == "pending")
+    assert await bridge.store.next_due_at() <= bridge.clock()
+
+    await bridge.deliver()
+    assert await bridge.states() == {"failed": 8}
+
+
 async def test_a_transient_answer_while_splitting_leaves_the_rest_of_the_batch_for_later(
     bridge: Bridge,
 ) -> None:
