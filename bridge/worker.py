@@ -45,11 +45,8 @@ IDLE_SECONDS = 1.0
 STOP_GRACE_SECONDS = 5.0
 # A pacing or hold deadline this close is treated as reached (the clock moves while a cycle runs).
 GATE_SLACK_SECONDS = 0.05
-# A part of a batch split for a bad event waits this long at most, within the cycle, for the pixel's
-# pacing; a longer wait (the last answer held, slowed or failed the pixel) leaves it for a later cycle.
-SPLIT_PACE_SECONDS = 1.0
-# A split goes on within one cycle for this long at most: the rest of the batch is due again at once,
-# and the next cycle (other pixels' events with it) carries on with it.
+# Once it has judged an event, a split goes on within one cycle for this long at most: the rest of the
+# batch is due again at once, and the next cycle (other pixels' events with it) carries on with it.
 SPLIT_BUDGET_SECONDS = 10.0
 # A claimed event: a row of bridge.enrich.events_sql (its JSON text, match keys, pixel candidates).
 Item = sqlite3.Row
@@ -66,6 +63,14 @@ class Outage:
     failures: int = 0  # consecutive transient answers
     probe_at: float = 0.0  # when to probe with a waiting event if nothing was sent to the pixel since
     retry_at: float = 0.0  # no request to the pixel before this (probes excepted: it is <= probe_at)
+
+
+@dataclass
+class Split:
+    """A batch being split to find the event(s) TikTok refused it for."""
+
+    since: float  # time.monotonic() at the first refusal
+    judged: int = 0  # events delivered or failed since
 
 
 class Worker:
@@ -261,7 +266,7 @@ class Worker:
                 continue
             wait_until = self._gate(pixel, now)
             if wait_until > now + GATE_SLACK_SECONDS:
-                outcomes.append(self._wait(row, pixel, wait_until))
+                outcomes.append(self._wait(row, pixel, self._wake(pixel, wait_until)))
                 continue
             batches[pixel].append(row)
         for pixel, events in unconfigured.items():
@@ -290,13 +295,23 @@ class Worker:
         return outcomes
 
     def _gate(self, pixel: str, now: float) -> float:
-        """The earliest time the pixel may be sent to: held (token), paced (rate) or failing (outage)."""
+        """The earliest time the pixel may be sent to: held (token), failing (outage) or paced (rate)."""
+        return max(self._blocked_until(pixel), self._pacer(pixel).next_send_at(now))
+
+    def _blocked_until(self, pixel: str) -> float:
+        """Until when TikTok's answers stop the pixel: its token was refused, or its requests fail."""
         outage = self.outages.get(pixel)
-        return max(
-            self.held_until.get(pixel, 0.0),
-            self._pacer(pixel).next_send_at(now),
-            outage.retry_at if outage is not None else 0.0,
-        )
+        return max(self.held_until.get(pixel, 0.0), outage.retry_at if outage is not None else 0.0)
+
+    def _wake(self, pixel: str, until: float) -> float:
+        """When an event that cannot be sent before `until` is looked at again.
+
+        For a failing pixel, at its next probe rather than at its next request: the requests follow
+        the failed events' own retries, a few seconds apart, and a backlog waiting for them would be
+        read and rewritten that often. The probe carries the events that waited for it.
+        """
+        outage = self.outages.get(pixel)
+        return max(until, outage.probe_at) if outage is not None and outage.retry_at >= until else until
 
     async def _probe_outages(self, now: float) -> int:
         """Bring one waiting event forward for each pixel whose last request failed and that nothing
@@ -351,7 +366,7 @@ class Worker:
                 # The last answer slowed the pixel down, held it or failed: the rest of this cycle's
                 # batches wait rather than repeating the same answer (each after a timeout, maybe).
                 waiting = [item for rest in chunks[index:] for item in rest]
-                outcomes.extend(self._wait(item, pixel, wait_until) for item in waiting)
+                outcomes.extend(self._wait(item, pixel, self._wake(pixel, wait_until)) for item in waiting)
                 break
             try:
                 outcomes.extend(await self._send(pixel, chunk))
@@ -362,7 +377,7 @@ class Worker:
         return outcomes
 
     async def _send(
-        self, pixel: str, items: list[Item], *, use_indices: bool = True, split_since: float | None = None
+        self, pixel: str, items: list[Item], *, use_indices: bool = True, split: Split | None = None
     ) -> list[Outcome]:
         runtime = self.runtime
         settings = runtime.config.settings
@@ -441,44 +456,54 @@ class Worker:
         # BAD_REQUEST: one bad event fails the whole batch; split it until the bad ones stand alone.
         if len(items) == 1:
             return [self._finished(items[0], FAILED, pixel, answer)]
-        since = loop_started if split_since is None else split_since
+        if split is None:
+            split = Split(since=time.monotonic())
         named = sorted({i for i in answer.bad_indices if i < len(items)}) if use_indices else []
         if named and len(named) < len(items):
             # TikTok names the bad event by its index: send it alone and the rest together. If a named
             # event then goes through alone the index was wrong, and the rest is bisected instead.
             suspects: list[Outcome] = []
             for i in named:
-                suspects.extend(await self._send_part(pixel, [items[i]], since))
+                suspects.extend(await self._send_part(pixel, [items[i]], split))
             confirmed = all(o.state == FAILED for o in suspects)
             rest = [item for i, item in enumerate(items) if i not in set(named)]
-            return [*suspects, *await self._send_part(pixel, rest, since, use_indices=confirmed)]
+            return [*suspects, *await self._send_part(pixel, rest, split, use_indices=confirmed)]
         middle = len(items) // 2
         return [
-            *await self._send_part(pixel, items[:middle], since, use_indices=False),
-            *await self._send_part(pixel, items[middle:], since, use_indices=False),
+            *await self._send_part(pixel, items[:middle], split, use_indices=False),
+            *await self._send_part(pixel, items[middle:], split, use_indices=False),
         ]
 
     async def _send_part(
-        self, pixel: str, items: list[Item], since: float, *, use_indices: bool = True
+        self, pixel: str, items: list[Item], split: Split, *, use_indices: bool = True
     ) -> list[Outcome]:
         """Send part of a batch refused for a bad event, paced like any request to the pixel.
 
         Bisecting a batch that TikTok refuses as a whole takes up to 2n - 1 requests; without pacing
-        they went out back to back. If the last answer held the pixel, slowed it down or failed
-        transiently, the part waits for a later cycle instead, and costs no attempt; so does a part
-        of a split that has held the cycle for `split_budget` seconds since `since` (time.monotonic()).
+        they went out back to back. The part waits for a later cycle, at no cost in attempts, if the
+        last answer held the pixel or failed transiently, if the pixel left the config, at shutdown,
+        or once the split has judged an event and held the cycle for `split_budget` seconds. A slow
+        pace alone (after rate limits) is waited out: the next cycle would send the whole batch again
+        and start over, so the split must get at least one event judged in every cycle.
         """
-        now = self.clock()
-        if time.monotonic() - since > self.split_budget:
-            return [self._wait(item, pixel, now) for item in items]
-        wait_until = self._gate(pixel, now)
-        if wait_until - now > SPLIT_PACE_SECONDS or self._stopping.is_set():
-            return [self._wait(item, pixel, wait_until) for item in items]
-        if wait_until > now:
-            await self._sleep(wait_until - now)
-            if self._stopping.is_set():
-                return [self._wait(item, pixel, self.clock()) for item in items]
-        return await self._send(pixel, items, use_indices=use_indices, split_since=since)
+        for _ in range(2):  # before the pause for pacing, and after it
+            now = self.clock()
+            if not self.runtime.config.configured(pixel):
+                return [self._unconfigured(item, pixel, now) for item in items]
+            if self._stopping.is_set() or (
+                split.judged and time.monotonic() - split.since > self.split_budget
+            ):
+                return [self._wait(item, pixel, now) for item in items]
+            blocked = self._blocked_until(pixel)
+            if blocked > now + GATE_SLACK_SECONDS:
+                return [self._wait(item, pixel, self._wake(pixel, blocked)) for item in items]
+            pause = self._pacer(pixel).next_send_at(now) - now
+            if pause <= 0:
+                break
+            await self._sleep(pause)
+        outcomes = await self._send(pixel, items, use_indices=use_indices, split=split)
+        split.judged += sum(1 for o in outcomes if o.state != PENDING)
+        return outcomes
 
     def _finished(self, item: Item, state: str, pixel: str, answer: Answer | None = None) -> Outcome:
         return Outcome(
