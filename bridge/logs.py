@@ -249,11 +249,12 @@ class LineBudget:
         self._kinds: dict[str, _Kind] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def allow(self, kind: str, label: str) -> bool:
-        """Whether a line of `kind` may be written now; if not, it is counted under `label`."""
+    def allow(self, kind: str, label: str, *, error: bool = False) -> bool:
+        """Whether a line of `kind` may be written now; if not, it is counted under `label`. The summary
+        of error lines is an error too, of any other kind a warning."""
         state = self._kinds.get(kind)
         if state is None:
-            state = self._kinds[kind] = _Kind()
+            state = self._kinds[kind] = _Kind(error=error)
         now = self.clock()
         if now >= state.window_end:
             self._summarise(kind, state)
@@ -281,7 +282,7 @@ class LineBudget:
         if not state.skipped:
             return
         skipped, state.skipped = state.skipped, {}
-        _budget_log.warning(
+        (_budget_log.error if state.error else _budget_log.warning)(
             "log lines skipped",
             kind=kind,
             lines=sum(skipped.values()),
@@ -295,6 +296,7 @@ class _Kind:
     window_end: float = 0.0  # the end of the current second, by LineBudget.clock
     written: int = 0  # lines written in it
     skipped: dict[str, int] = field(default_factory=dict)  # since the last summary, by label
+    error: bool = False  # the lines are errors
 
 
 def flush() -> None:

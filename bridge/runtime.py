@@ -33,7 +33,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     health: dict[str, PixelHealth] = field(default_factory=dict)
     worker_running: bool = False
-    # Lines written per request or per event: capped, so journald never drops the warnings among them.
+    # Lines written per request or per event, capped per kind: a burst of one kind stays under journald's
+    # rate limit, past which it would drop the warnings among them too.
     lines: LineBudget = field(default_factory=LineBudget)
     # In a listener process: the daemon, which answers /readyz and /metrics for the whole bridge.
     main_process: MainProcess | None = None

@@ -245,7 +245,7 @@ async def postback(request: web.Request) -> web.Response:
         ingested = await runtime.store.add_conversion(conversion)
     except StoreUnavailable as exc:
         metrics.inc(metrics.postbacks, name, "unavailable")
-        if runtime.lines.allow("postback not stored", name):
+        if runtime.lines.allow("postback not stored", name, error=True):
             log.error("postback not stored", tracker=name, click_id=conversion.click_id, why=str(exc))
         return _json(503, {"error": "temporarily unavailable, retry later"})
     for field_name in conversion.dropped:
@@ -346,7 +346,7 @@ async def click(request: web.Request) -> web.Response:
         await runtime.store.add_click(registration)
     except StoreUnavailable as exc:
         metrics.inc(metrics.clicks, "unavailable")
-        if runtime.lines.allow("click not stored", "click"):
+        if runtime.lines.allow("click not stored", "click", error=True):
             log.error("click not stored", why=str(exc))
         return web.Response(status=503, text="temporarily unavailable\n", headers=CORS_HEADERS)
     for field_name in registration.dropped:

@@ -222,7 +222,10 @@ class Worker:
         for outcome in outcomes:
             if outcome.state != PENDING:
                 finished[outcome.sent_pixel or "", outcome.state] += 1
-            if outcome.state in NOT_DELIVERED and lines.allow("event not delivered", outcome.state):
+            # Failed events (warnings) have a budget of their own: a flood of unmatched or expired
+            # ones must not silence them.
+            kind = FAILED_LINES if outcome.state == FAILED else "event not delivered"
+            if outcome.state in NOT_DELIVERED and lines.allow(kind, outcome.state):
                 _log_not_delivered(by_id[outcome.id], outcome)
         for (pixel, state), events in finished.items():
             self.runtime.metrics.delivered.labels(pixel, state).inc(events)
@@ -608,6 +611,8 @@ UNCONFIGURED = "its pixel is not in the config"
 
 # Final states that mean TikTok did not get the event: one line each (delivered ones share their batch's).
 NOT_DELIVERED = (FAILED, EXPIRED, UNMATCHED)
+# The `kind` under which skipped `event not delivered` lines of failed events are counted.
+FAILED_LINES = "event not delivered (failed)"
 
 
 def _log_not_delivered(row: Any, outcome: Outcome) -> None:

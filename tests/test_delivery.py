@@ -353,10 +353,10 @@ async def test_a_batch_refused_event_by_event_is_split_at_the_pixels_pace(bridge
     assert [(await bridge.row(i))["last_code"] for i in ids] == [40002] * 6
     arrivals = [r.at for r in bridge.fake.requests]
     assert len(arrivals) == 11
-    # ... spaced as the pixel's pacing spaces any requests, not sent back to back. (A little less than
+    # ... spaced as the pixel's pacing spaces any requests, not sent back to back. (Less than
     # the spacing is allowed: it is kept between the requests' starts, and this measures arrivals.)
     spacing = 1 / Pacer().rate
-    assert min(b - a for a, b in itertools.pairwise(arrivals)) >= spacing * 0.8
+    assert min(b - a for a, b in itertools.pairwise(arrivals)) >= spacing * 0.5
 
 
 async def test_a_long_split_gives_the_cycle_back_and_goes_on_in_the_next(bridge: Bridge) -> None:

@@ -190,17 +190,21 @@ async def test_lines_skipped_at_the_end_of_a_burst_are_summed_up_without_a_next_
     for i in range(logs.LINES_PER_SECOND + 5):
         # Nothing to match TikTok's user by: each becomes unmatched, with a line saying so.
         await bridge.postback("keitaro", subid=f"bare-{i}", status="lead")
+    bridge.fake.poison("clk-77_Purchase")
+    await bridge.postback("keitaro", **SALE)  # one that TikTok refuses: a warning of its own budget
     await bridge.deliver()
-    assert len(out.find("event not delivered")) == logs.LINES_PER_SECOND
+    not_delivered = out.find("event not delivered")
+    assert len(not_delivered) == logs.LINES_PER_SECOND + 1
+    assert [line["click_id"] for line in not_delivered if line["state"] == "failed"] == ["clk-77"]
 
     # Nothing more arrives; the summaries come a second later all the same.
     for _ in range(100):
         if skipped_lines(out, "event not delivered")[0]:
             break
         await asyncio.sleep(0.05)
-    assert skipped_lines(out, "postback") == (5, {"accepted": 5})
+    assert skipped_lines(out, "postback") == (6, {"accepted": 6})
     assert skipped_lines(out, "event not delivered") == (5, {"unmatched": 5})
-    assert await bridge.states() == {"unmatched": logs.LINES_PER_SECOND + 5}
+    assert await bridge.states() == {"unmatched": logs.LINES_PER_SECOND + 5, "failed": 1}
 
 
 async def test_requests_leave_no_access_log_lines(bridge: Bridge, out: Captured) -> None:
