@@ -269,7 +269,7 @@ class Worker:
                 continue
             wait_until = self._gate(pixel, now)
             if wait_until > now + GATE_SLACK_SECONDS:
-                outcomes.append(self._wait(row, pixel, self._wake(pixel, wait_until)))
+                outcomes.append(self._gated(row, pixel, wait_until))
                 continue
             batches[pixel].append(row)
         for pixel, events in unconfigured.items():
@@ -305,16 +305,6 @@ class Worker:
         """Until when TikTok's answers stop the pixel: its token was refused, or its requests fail."""
         outage = self.outages.get(pixel)
         return max(self.held_until.get(pixel, 0.0), outage.retry_at if outage is not None else 0.0)
-
-    def _wake(self, pixel: str, until: float) -> float:
-        """When an event that cannot be sent before `until` is looked at again.
-
-        For a failing pixel, at its next probe rather than at its next request: the requests follow
-        the failed events' own retries, a few seconds apart, and a backlog waiting for them would be
-        read and rewritten that often. The probe carries the events that waited for it.
-        """
-        outage = self.outages.get(pixel)
-        return max(until, outage.probe_at) if outage is not None and outage.retry_at >= until else until
 
     async def _probe_outages(self, now: float) -> int:
         """Bring one waiting event forward for each pixel whose last request failed and that nothing
@@ -369,7 +359,7 @@ class Worker:
                 # The last answer slowed the pixel down, held it or failed: the rest of this cycle's
                 # batches wait rather than repeating the same answer (each after a timeout, maybe).
                 waiting = [item for rest in chunks[index:] for item in rest]
-                outcomes.extend(self._wait(item, pixel, self._wake(pixel, wait_until)) for item in waiting)
+                outcomes.extend(self._gated(item, pixel, wait_until) for item in waiting)
                 break
             try:
                 outcomes.extend(await self._send(pixel, chunk))
@@ -499,7 +489,7 @@ class Worker:
                 return [self._wait(item, pixel, now) for item in items]
             blocked = self._blocked_until(pixel)
             if blocked > now + GATE_SLACK_SECONDS:
-                return [self._wait(item, pixel, self._wake(pixel, blocked)) for item in items]
+                return [self._gated(item, pixel, blocked) for item in items]
             pause = self._pacer(pixel).next_send_at(now) - now
             if pause <= 0:
                 break
@@ -551,6 +541,17 @@ class Worker:
     def _wait(self, item: Item, pixel: str, until: float) -> Outcome:
         """Not sent: the pixel is paced, held or down. Waiting costs the event no attempt."""
         return self._retry(item, pixel, None, until, count=False)
+
+    def _gated(self, item: Item, pixel: str, until: float) -> Outcome:
+        """Not sent: the pixel's gate (_gate) opens at `until`. The event waits for it, or for a failing
+        pixel, for its next probe rather than its next request: the requests follow the failed events'
+        own retries, a few seconds apart, and a backlog waiting for them would be read and rewritten
+        that often. The probe carries the events that waited for it.
+        """
+        outage = self.outages.get(pixel)
+        if outage is not None and outage.retry_at >= until:
+            until = max(until, outage.probe_at)
+        return self._wait(item, pixel, until)
 
     def _transient(self, item: Item, pixel: str, answer: Answer, now: float) -> Outcome:
         due_at = self._probes.get(item["id"])
