@@ -133,6 +133,11 @@ class Bridge:
             handled += n
         raise AssertionError("worker still busy after max_cycles")
 
+    def reload(self, settings: dict[str, Any]) -> None:
+        """Write the config file with these settings and swap it in, as SIGHUP does."""
+        self.config.path.write_text(yaml.safe_dump(settings))
+        self.runtime.config = load_config(self.config.path, environ={})
+
     async def row(self, conversion_id: int) -> Any:
         return await self.store.conversion(conversion_id)
 

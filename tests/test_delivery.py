@@ -14,7 +14,6 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from yarl import URL
 
-from bridge.config import load_config
 from bridge.pacing import Pacer
 from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
 from bridge.runtime import Runtime
@@ -407,10 +406,7 @@ async def test_a_pixel_taken_out_while_its_batch_is_split_leaves_what_was_answer
     cycle = asyncio.create_task(bridge.worker.run_once())
     await bridge.fake.wait_for(lambda: len(bridge.fake.requests) == 2)  # the bad event, sent alone
     # The rest waits for its turn; meanwhile a reload takes the pixel out.
-    bridge.config.path.write_text(
-        yaml.safe_dump({**settings, "pixels": {"main": settings["pixels"]["main"]}})
-    )
-    bridge.runtime.config = load_config(bridge.config.path, environ={})
+    bridge.reload({**settings, "pixels": {"main": settings["pixels"]["main"]}})
     await cycle
 
     rows = [await bridge.row(i) for i in ids]

@@ -6,7 +6,6 @@ from typing import Any
 
 import yaml
 
-from bridge.config import load_config
 from bridge.retry import HELD_PIXEL_RETRY
 from bridge.stats import collect, format_stats
 from tests.conftest import MAIN_CODE, MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
@@ -111,19 +110,13 @@ async def test_click_naming_an_unknown_pixel_falls_back_along_the_chain(bridge: 
     assert 'bridge_identifiers_dropped_total{field="pixel"} 1.0' in metrics
 
 
-def reload_with_pixels(bridge: Bridge, settings: dict[str, Any]) -> None:
-    """Write the config file with these settings and swap it in, as SIGHUP does."""
-    bridge.config.path.write_text(yaml.safe_dump(settings))
-    bridge.runtime.config = load_config(bridge.config.path, environ={})
-
-
 async def test_an_event_whose_pixel_left_the_config_waits_for_it_and_goes_nowhere_else(
     bridge: Bridge,
 ) -> None:
     await bridge.click(click_id="u2", ttclid="E.C.P.u2", pixel="second")
     _, body = await bridge.postback("keitaro", subid="u2", status="lead")
     settings = yaml.safe_load(bridge.config.path.read_text())
-    reload_with_pixels(bridge, {**settings, "pixels": {"main": settings["pixels"]["main"]}})
+    bridge.reload({**settings, "pixels": {"main": settings["pixels"]["main"]}})
 
     await bridge.deliver()
     row = await bridge.row(body["conversion_id"])
@@ -131,7 +124,7 @@ async def test_an_event_whose_pixel_left_the_config_waits_for_it_and_goes_nowher
     assert row["last_error"] == "its pixel is not in the config"
     assert bridge.fake.requests == []
 
-    reload_with_pixels(bridge, settings)
+    bridge.reload(settings)
     bridge.clock.advance(HELD_PIXEL_RETRY)
     await bridge.deliver()
     assert sent_to(bridge) == {"u2_Lead": (SECOND_CODE, SECOND_TOKEN)}
