@@ -222,11 +222,12 @@ class Worker:
         for outcome in outcomes:
             if outcome.state != PENDING:
                 finished[outcome.sent_pixel or "", outcome.state] += 1
-            # Failed events (warnings) have a budget of their own: a flood of unmatched or expired
-            # ones must not silence them.
-            kind = FAILED_LINES if outcome.state == FAILED else "event not delivered"
-            if outcome.state in NOT_DELIVERED and lines.allow(kind, outcome.state):
-                _log_not_delivered(by_id[outcome.id], outcome)
+            if outcome.state in NOT_DELIVERED:
+                # Failed events (warnings) have a budget of their own: a flood of unmatched or expired
+                # ones must not silence them.
+                kind = FAILED_LINES if outcome.state == FAILED else "event not delivered"
+                if lines.allow(kind, outcome.state):
+                    _log_not_delivered(by_id[outcome.id], outcome)
         for (pixel, state), events in finished.items():
             self.runtime.metrics.delivered.labels(pixel, state).inc(events)
 
