@@ -725,30 +725,18 @@ class _IngestWriter:
         await asyncio.to_thread(self._thread.join)
 
     def _run(self) -> None:
-        get, get_nowait = self._queue.get, self._queue.get_nowait
         stopping = False
         try:
             while not stopping:
-                entry = get()
-                work = []
-                while True:
-                    if entry is self.STOP:
-                        stopping = True
-                        break
-                    work.append(entry)
-                    if len(work) >= self.max_group:
-                        break
-                    try:
-                        entry = get_nowait()
-                    except queue.Empty:
-                        break
+                work: list[_Waiting] = []
+                stopping = self._gather(work, self._queue.get())
                 if work:
-                    self._commit(work)
+                    stopping = self._commit(work) or stopping
             # Whatever arrived after the stop marker is refused, never left hanging.
-            late = []
+            late: list[_Waiting] = []
             while True:
                 try:
-                    entry = get_nowait()
+                    entry = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if entry is not self.STOP:
@@ -758,16 +746,36 @@ class _IngestWriter:
         finally:
             self._conn.close()
 
-    def _commit(self, work: list[_Waiting]) -> None:
-        clicks = [item for item, _ in work if isinstance(item, Click)]
-        conversions = [item for item, _ in work if isinstance(item, Conversion)]
+    def _gather(self, work: list[_Waiting], entry: Any = None) -> bool:
+        """Add `entry` and what is queued to `work`, up to max_group; True if the stop marker came."""
+        while len(work) < self.max_group:
+            if entry is None:
+                try:
+                    entry = self._queue.get_nowait()
+                except queue.Empty:
+                    return False
+            if entry is self.STOP:
+                return True
+            work.append(entry)
+            entry = None
+        return False
+
+    def _commit(self, work: list[_Waiting]) -> bool:
+        """Commit `work` as one group; True if the stop marker came while it waited for the turn."""
+        stopping = False
         result: dict[int, Ingested] | Exception
         try:
             with self._write_lock:
+                # What queued while the turn was busy (the worker's outcomes, another process's group)
+                # joins this group rather than waiting for one more commit after it.
+                stopping = self._gather(work)
+                clicks = [item for item, _ in work if isinstance(item, Click)]
+                conversions = [item for item, _ in work if isinstance(item, Conversion)]
                 result = _write_group(self._conn, clicks, conversions, time.time())
         except Exception as exc:  # the writer must survive anything: every waiter gets its answer
             result = exc
         self._reply(work, result)
+        return stopping
 
     def _reply(self, work: list[_Waiting], result: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody waits any more

@@ -68,6 +68,18 @@ def write_config(
     return path
 
 
+async def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Wait for `condition()` to be true (and return it), failing with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not true after {timeout}s")
+        await asyncio.sleep(0.01)
+
+
 class Clock:
     """Real time plus an offset the test moves by hand, so backoff and expiry need no waiting.
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import base_settings, write_config
+from tests.conftest import base_settings, until, write_config
 from tests.daemon_proc import DaemonProcess, free_port
 from tests.fake_tiktok import FakeTikTok
 
@@ -27,14 +27,6 @@ async def daemon(tmp_path: Path, fake: FakeTikTok) -> AsyncIterator[DaemonProces
     proc = DaemonProcess(write_config(tmp_path, settings), port)
     yield proc
     proc.stop()
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still not true after {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 class Tracker:

@@ -18,7 +18,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SHIPPED_TRACKERS, base_settings, write_config
+from tests.conftest import SHIPPED_TRACKERS, base_settings, until, write_config
 from tests.daemon_proc import DaemonProcess, free_port
 from tests.fake_tiktok import FakeTikTok
 
@@ -99,17 +99,6 @@ def listener_children(daemon_pid: int) -> list[int]:
 def processes_of(config: Path) -> list[int]:
     """Every live process (daemon or listener) started with this test's own config file."""
     return [pid for pid in all_pids() if str(config) in cmdline(pid) and alive(pid)]
-
-
-async def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still not true after {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def _socket_owners(server_port: int, client_ports: Iterable[int], pids: Iterable[int]) -> dict[int, int]:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.mapping import Conversion
 from bridge.store import Store
+from tests.conftest import until
 
 OLD = time.time() - 400 * 86400
 
@@ -132,3 +134,37 @@ async def test_a_stalled_listener_process_makes_the_readiness_probe_fail_not_han
 
     assert blocked is not None and "another bridge process held the write turn" in blocked
     assert free is None
+
+
+def sale(click_id: str) -> Conversion:
+    return Conversion(
+        tracker="keitaro",
+        click_id=click_id,
+        status="sale",
+        event="Purchase",
+        ignored_reason=None,
+        transaction_id="",
+        event_id=f"{click_id}_Purchase",
+        event_time=int(time.time()),
+    )
+
+
+async def test_conversions_that_queue_while_the_turn_is_busy_join_the_group_waiting_for_it(
+    store: Store,
+) -> None:
+    """Group commit: what arrives while another write holds the turn (the worker's outcomes, another
+    process's group) is committed with the group that waits for it, in one transaction and one fsync,
+    instead of waiting for one more commit after it."""
+    writer = store._ingest
+    assert writer is not None
+    with turn_held(store):
+        first = store.add_conversion(sale("first"))
+        # Only the writer empties its queue: it has taken the first and waits for the turn with it.
+        await until(writer._queue.empty, 10, "the writer took the first conversion")
+        later = [store.add_conversion(sale(f"later-{n}")) for n in range(9)]
+        assert not first.done()
+    answers = await asyncio.wait_for(asyncio.gather(first, *later), 10)
+
+    assert [answer.result for answer in answers] == ["accepted"] * 10
+    rows = await store.fetchall("SELECT DISTINCT received_at FROM conversions WHERE received_at > ?", (OLD,))
+    assert len(rows) == 1, "committed in more than one group"
