@@ -30,6 +30,13 @@ GUARDED = {
 }
 LOOPBACK_ONLY = {**GUARDED, "name": "local", "allow_ips": ["127.0.0.0/8"]}
 
+# A tracker that sends the conversion's own time.
+TIMED = {
+    "name": "timed",
+    "params": {"click_id": "subid", "status": "status", "ttclid": "ttclid", "event_time": "ts"},
+    "events": {"sale": "Purchase", "rejected": None},
+}
+
 
 @pytest.fixture
 async def keyed(make_bridge: BridgeFactory) -> Bridge:
@@ -236,6 +243,48 @@ async def test_a_status_never_sent_is_recorded_without_the_fields_that_do_not_pa
     assert tuple(row) == ("ignored", None, None, status)
     await bridge.deliver()
     assert bridge.fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"), [("rejected", "status_not_sent"), ("chargeback", "unmapped_status")]
+)
+async def test_a_status_never_sent_with_an_unreadable_event_time_is_recorded_at_its_arrival(
+    make_bridge: BridgeFactory, status: str, reason: str
+) -> None:
+    bridge = await make_bridge(trackers={"timed": TIMED})
+
+    before = int(time.time())
+    answer = await bridge.postback("timed", subid="clk-1", status=status, ts="yesterday")
+    after = int(time.time())
+
+    assert answer == (200, {"result": "ignored", "reason": reason})
+    [row] = await bridge.store.fetchall("SELECT state, event_time FROM conversions")
+    assert row["state"] == "ignored"
+    assert before <= row["event_time"] <= after
+
+
+async def test_an_event_time_a_minute_ahead_of_the_bridges_clock_is_accepted(
+    make_bridge: BridgeFactory,
+) -> None:
+    # The tracker's clock may run a little ahead of the bridge's.
+    bridge = await make_bridge(trackers={"timed": TIMED})
+    ahead = int(time.time()) + 60
+
+    status, body = await bridge.postback("timed", subid="clk-1", status="sale", ts=str(ahead))
+
+    assert (status, body["result"]) == (200, "accepted")
+    assert (await bridge.row(body["conversion_id"]))["event_time"] == ahead
+
+
+async def test_an_event_time_more_than_a_day_ahead_is_400_naming_it(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(trackers={"timed": TIMED})
+    ahead = int(time.time()) + 2 * 86400
+
+    status, body = await bridge.postback("timed", subid="clk-1", status="sale", ts=str(ahead))
+
+    assert status == 400
+    assert body["error"].startswith("event_time: out of range")
+    assert await nothing_kept(bridge)
 
 
 @pytest.mark.parametrize("currency", ["US", "USDT", "U$D", "123", "€€€", "dollars", "ZZZ", "usx"])
