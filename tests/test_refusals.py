@@ -298,6 +298,20 @@ async def test_currency_that_is_not_three_letters_is_400_naming_currency(
     assert await nothing_kept(bridge)
 
 
+async def test_a_status_with_spaces_around_it_maps_like_the_plain_status(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", **{**SALE, "status": " sale "})
+
+    assert (status, body["result"], body["event"]) == (200, "accepted", "Purchase")
+
+
+async def test_a_click_id_of_only_spaces_is_400_as_missing(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", **{**SALE, "subid": "   "})
+
+    assert status == 400
+    assert body["error"].startswith("click_id: missing")
+    assert await nothing_kept(bridge)
+
+
 @pytest.mark.parametrize(
     ("param", "field", "limit"),
     [("subid", "click_id", 1024), ("user_agent", "user_agent", 1024), ("tid", "transaction_id", 256)],
