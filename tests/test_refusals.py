@@ -119,6 +119,23 @@ async def test_sender_without_the_key_gets_403_even_when_its_parameters_are_brok
     assert await nothing_kept(keyed)
 
 
+@pytest.mark.parametrize(
+    ("raw", "content_type", "error"),
+    [
+        (b'{"subid": "clk-1", ', "application/json", "body: not valid JSON"),
+        (b"status=sale&subid=\xff\xfe", "text/plain", "body: not valid UTF-8"),
+    ],
+    ids=["bad-json", "bad-utf8"],
+)
+async def test_key_in_the_query_with_an_unreadable_body_gets_the_400_naming_the_body(
+    keyed: Bridge, raw: bytes, content_type: str, error: str
+) -> None:
+    status, body = await post(keyed, f"/postback/keitaro?key={KEY}", raw, content_type)
+
+    assert (status, body) == (400, {"error": error})
+    assert await nothing_kept(keyed)
+
+
 async def test_answers_never_echo_the_key(keyed: Bridge) -> None:
     answers = [
         await keyed.postback("keitaro", key=KEY, **{**SALE, "revenue": "abc"}),
