@@ -197,6 +197,29 @@ async def test_allow_ips_written_as_ipv4_mapped_ipv6_still_allow_ipv4_sources(
     assert body["result"] == "accepted"
 
 
+@pytest.mark.parametrize(
+    ("tracker", "forwarded_for", "status"),
+    [("guarded", "10.1.2.3", 200), ("local", "203.0.113.9", 403)],
+    ids=["client-inside", "client-outside"],
+)
+async def test_behind_a_trusted_proxy_allow_ips_judges_the_forwarded_client_not_the_proxy(
+    make_bridge: BridgeFactory, tracker: str, forwarded_for: str, status: int
+) -> None:
+    # The proxy is on loopback: `local` allows it, `guarded` does not; only the client's address counts.
+    bridge = await make_bridge(
+        edit=lambda s: s["server"].update(trusted_proxies=["127.0.0.0/8"]),
+        trackers={"guarded": GUARDED, "local": LOOPBACK_ONLY},
+    )
+
+    resp = await bridge.client.get(
+        f"/postback/{tracker}",
+        params={"subid": "clk-1", "status": "sale"},
+        headers={"X-Forwarded-For": forwarded_for},
+    )
+
+    assert resp.status == status
+
+
 async def test_unknown_tracker_is_404(bridge: Bridge) -> None:
     status, body = await bridge.postback("nosuch", **SALE)
 
