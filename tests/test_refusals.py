@@ -404,6 +404,23 @@ async def test_stray_percent_signs_are_taken_literally(bridge: Bridge) -> None:
     assert json.loads(text)["event_id"] == "clk%zz%_Purchase"
 
 
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [
+        ("/postback/keitaro?status=sale&subid=first&subid=second", b""),
+        ("/postback/keitaro?status=sale", b"subid=first&subid=second"),
+        ("/postback/keitaro?status=sale&subid=first", b"subid=second"),
+    ],
+    ids=["query", "body", "query-then-body"],
+)
+async def test_a_repeated_parameter_takes_its_first_value(bridge: Bridge, target: str, body: bytes) -> None:
+    status, answer = await post(bridge, target, body, "application/x-www-form-urlencoded")
+
+    assert (status, answer["event_id"]) == (200, "first_Purchase")
+    [row] = await bridge.store.fetchall("SELECT click_id FROM conversions")
+    assert row["click_id"] == "first"
+
+
 async def test_raw_non_ascii_bytes_in_the_request_line_are_400_without_a_traceback(
     bridge: Bridge, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -475,6 +492,21 @@ async def test_more_than_100_parameters_is_400(bridge: Bridge) -> None:
 
     assert status == 400
     assert json.loads(text) == {"error": "query: more than 100 parameters"}
+    assert await nothing_kept(bridge)
+
+
+async def test_the_parameter_limit_counts_the_query_and_the_body_together(bridge: Bridge) -> None:
+    query = "&".join(f"q{i}=1" for i in range(60))
+    body = "&".join(f"b{i}=1" for i in range(60)).encode()
+
+    status, answer = await post(
+        bridge,
+        f"/postback/keitaro?subid=clk-1&status=sale&{query}",
+        body,
+        "application/x-www-form-urlencoded",
+    )
+
+    assert (status, answer) == (400, {"error": "query: more than 100 parameters"})
     assert await nothing_kept(bridge)
 
 
