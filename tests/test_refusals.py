@@ -608,6 +608,17 @@ async def test_click_whose_user_agent_header_is_not_utf8_is_registered_without_i
     assert tuple(row) == ("clk-ua", "E.C.P.ua", None)
 
 
+async def test_click_whose_user_agent_header_is_past_1024_characters_is_registered_with_it_cut(
+    bridge: Bridge,
+) -> None:
+    ua = "Mozilla/5.0 (Linux; Android 14) " + "x" * 2000
+
+    assert await bridge.click({"User-Agent": ua}, click_id="clk-long-ua") == 204
+
+    [row] = await bridge.store.fetchall("SELECT user_agent FROM clicks")
+    assert row["user_agent"] == ua[:1024]
+
+
 async def test_hostile_requests_sent_with_good_ones_do_not_spoil_their_commit(bridge: Bridge) -> None:
     # Requests that arrive together share one transaction: a value the database cannot take must be
     # refused at the door, or it would fail the commit of every postback beside it.
