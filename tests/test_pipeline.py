@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
 from bridge.matching import sha256_hex
-from tests.conftest import MAIN_CODE, SECOND_CODE, Bridge
+from tests.conftest import MAIN_CODE, SECOND_CODE, Bridge, BridgeFactory
 
 KEITARO_SALE = {
     "subid": "1dad2cg1br22spja1",
@@ -18,6 +19,14 @@ KEITARO_SALE = {
     "tid": "78124",
     "ip": "177.12.34.56",
     "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)",
+}
+
+# A tracker that sends the conversion's own time, and builds its event_id from the status.
+ACME = {
+    "name": "acme",
+    "params": {"click_id": "cid", "status": "st", "ttclid": "ttclid", "event_time": "ts"},
+    "events": {"sale": "Purchase"},
+    "event_id": "{click_id}_{status}",
 }
 
 
@@ -71,6 +80,20 @@ async def test_event_time_is_in_seconds(bridge: Bridge) -> None:
     await bridge.deliver()
     [event] = bridge.fake.received
     assert 1_000_000_000 < event["event_time"] < 10_000_000_000
+
+
+async def test_event_time_in_milliseconds_is_stored_and_sent_in_seconds(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(trackers={"acme": ACME})
+    seconds = int(time.time()) - 3600
+
+    _, body = await bridge.postback(
+        "acme", cid="ms1", ttclid="E.C.P.ms1", st="sale", ts=str(seconds * 1000 + 250)
+    )
+    await bridge.deliver()
+
+    assert (await bridge.row(body["conversion_id"]))["event_time"] == seconds
+    [event] = bridge.fake.received
+    assert event["event_time"] == seconds
 
 
 async def test_repeated_postback_is_a_duplicate_and_sent_once(bridge: Bridge) -> None:
