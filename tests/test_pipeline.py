@@ -137,6 +137,20 @@ async def test_rebill_with_new_transaction_id_gets_its_own_event_id(bridge: Brid
     assert sorted(bridge.fake.event_ids()) == ["sub9_Purchase", "sub9_Purchase_T2"]
 
 
+@pytest.mark.parametrize("status", ["sale", "Sale", " SALE "])
+async def test_an_event_id_template_with_the_status_uses_it_lowercased_and_trimmed(
+    make_bridge: BridgeFactory, status: str
+) -> None:
+    # The landing page writes the status as the tracker's events table does; the network may not.
+    bridge = await make_bridge(trackers={"acme": ACME})
+
+    _, body = await bridge.postback("acme", cid="st1", ttclid="E.C.P.st1", st=status)
+    await bridge.deliver()
+
+    assert body["event_id"] == "st1_sale"
+    assert bridge.fake.event_ids() == ["st1_sale"]
+
+
 async def test_unmapped_status_is_recorded_as_ignored(bridge: Bridge) -> None:
     status, body = await bridge.postback("keitaro", subid="c1", status="trash")
     await bridge.deliver()
