@@ -193,6 +193,15 @@ async def test_value_formats_and_lowercase_currency(bridge: Bridge) -> None:
     assert values == [(45, "EUR"), (45, "EUR"), (45.5, "EUR")]
 
 
+async def test_a_zero_payout_is_accepted_and_sent_with_value_0(bridge: Bridge) -> None:
+    status, body = await bridge.postback("keitaro", **{**KEITARO_SALE, "status": "lead", "revenue": "0"})
+    await bridge.deliver()
+
+    assert (status, body["result"]) == (200, "accepted")
+    [event] = bridge.fake.received
+    assert event["properties"] == {"value": 0, "currency": "USD"}
+
+
 async def test_binom_postback_format(bridge: Bridge) -> None:
     _, body = await bridge.postback(
         "binom",
