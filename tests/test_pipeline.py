@@ -202,6 +202,14 @@ async def test_a_zero_payout_is_accepted_and_sent_with_value_0(bridge: Bridge) -
     assert event["properties"] == {"value": 0, "currency": "USD"}
 
 
+async def test_an_event_without_a_value_still_carries_its_currency(bridge: Bridge) -> None:
+    await bridge.postback("keitaro", subid="cur1", external_id="E.C.P.cur1", status="lead", currency="eur")
+    await bridge.deliver()
+
+    [event] = bridge.fake.received
+    assert event["properties"] == {"currency": "EUR"}
+
+
 async def test_binom_postback_format(bridge: Bridge) -> None:
     _, body = await bridge.postback(
         "binom",
