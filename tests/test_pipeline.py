@@ -210,6 +210,19 @@ async def test_an_event_without_a_value_still_carries_its_currency(bridge: Bridg
     assert event["properties"] == {"currency": "EUR"}
 
 
+@pytest.mark.parametrize("ip", ["unknown", "1.2.3.4, 5.6.7.8", "1.2.3.256", "177.12.34.56x"])
+async def test_a_postback_ip_that_is_not_one_address_is_neither_stored_nor_sent(
+    bridge: Bridge, ip: str
+) -> None:
+    _, body = await bridge.postback("keitaro", **{**KEITARO_SALE, "ip": ip})
+    await bridge.deliver()
+
+    assert body["result"] == "accepted"
+    assert (await bridge.row(body["conversion_id"]))["ip"] is None
+    [event] = bridge.fake.received
+    assert event["user"] == {"ttclid": KEITARO_SALE["external_id"], "user_agent": KEITARO_SALE["user_agent"]}
+
+
 async def test_binom_postback_format(bridge: Bridge) -> None:
     _, body = await bridge.postback(
         "binom",
