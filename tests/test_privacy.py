@@ -30,6 +30,7 @@ SHOP = {
         "email": "email",
         "phone": "phone",
         "external_id": "uid",
+        "page_url": "page",
     },
     "events": {"sale": "Purchase", "lead": "Lead"},
 }
@@ -174,6 +175,21 @@ async def test_page_url_loses_query_parameters_that_carry_an_email_or_phone(brid
     [row] = await bridge.store.fetchall("SELECT url, referrer FROM clicks WHERE click_id = 'u1'")
     assert tuple(row) == ("https://lp.example/thanks?step=2", "https://lp.example/form?next=%2Fthanks")
     assert bridge.fake.received[0]["page"] == {"url": "https://lp.example/thanks?step=2"}
+
+
+async def test_a_postbacks_page_url_loses_query_parameters_that_carry_an_email_or_phone(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await shop_bridge(make_bridge)
+    page = "https://shop.example/thanks?order=7&email=Alice.Buyer%2Bpromo%40Example.COM&n=%2B442079460958"
+
+    _, body = await bridge.postback("shop", cid="pg1", ttclid="E.C.P.pg1", status="sale", page=page)
+    await bridge.deliver()
+
+    assert (await bridge.row(body["conversion_id"]))["page_url"] == "https://shop.example/thanks?order=7"
+    [event] = bridge.fake.received
+    assert event["page"] == {"url": "https://shop.example/thanks?order=7"}
+    assert leaks(database_bytes(bridge)) == []
 
 
 # -- what the bridge writes or prints --------------------------------------------------------------------
