@@ -74,6 +74,16 @@ async def test_a_conversion_id_is_never_given_again_after_pruning(bridge: Bridge
     assert body["conversion_id"] not in ids and body["conversion_id"] > max(ids)
 
 
+async def test_an_ignored_conversion_is_pruned_once_past_retention(bridge: Bridge) -> None:
+    _, ignored = await bridge.postback("keitaro", subid="i1", status="rejected")
+    assert ignored == {"result": "ignored", "reason": "status_not_sent"}
+    # A newer conversion, since the newest row is always kept.
+    await bridge.postback("keitaro", subid="i2", external_id="E.C.P.i2", status="lead")
+
+    assert await bridge.store.prune(time.time() + 31 * 86400, 30 * 86400, 30 * 86400) == (0, 1)
+    assert await bridge.states() == {"pending": 1}
+
+
 async def test_prune_keeps_the_click_of_a_dead_letter_that_failed_retry_may_send_again(
     make_bridge: BridgeFactory,
 ) -> None:
