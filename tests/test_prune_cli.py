@@ -81,6 +81,29 @@ async def test_prune_deletes_old_clicks_and_finished_conversions_and_keeps_pendi
     assert click_ids(db, "conversions") == ["new", "waiting"]
 
 
+async def test_prune_keeps_clicks_for_retention_clicks_and_conversions_for_retention_finished_conversions(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge(
+        edit=lambda s: s.update(retention={"clicks": 10 * DAY, "finished_conversions": 40 * DAY})
+    )
+    for click_id in ("old", "new"):
+        await bridge.click(click_id=click_id, ttclid=f"E.C.P.{click_id}")
+        await bridge.postback("keitaro", subid=click_id, status="lead")
+    await bridge.deliver()
+    db = bridge.config.db_path
+    twenty_days_ago = time.time() - 20 * DAY
+    execute(db, "UPDATE clicks SET created_at = ? WHERE click_id = 'old'", twenty_days_ago)
+    execute(db, "UPDATE conversions SET finished_at = ? WHERE click_id = 'old'", twenty_days_ago)
+
+    code, out, _ = await cli("prune", "-c", str(bridge.config.path))
+
+    assert code == 0
+    assert out.strip() == "pruned 1 click(s) and 0 finished conversion(s)"
+    assert click_ids(db, "clicks") == ["new"]
+    assert click_ids(db, "conversions") == ["new", "old"]
+
+
 async def test_prune_keeps_what_is_within_retention(make_bridge: BridgeFactory) -> None:
     bridge = await make_bridge()
     await bridge.click(click_id="c1", ttclid="E.C.P.1")
