@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import yaml
 
 from bridge.retry import HELD_PIXEL_RETRY
@@ -235,6 +236,18 @@ async def test_forged_x_forwarded_for_line_before_the_proxys_line_is_not_believe
     bridge = await make_bridge(edit=trust_loopback)
     headers = CIMultiDict([("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "203.0.113.9")])
     assert await click_ip(bridge, "f4", headers) == "203.0.113.9"
+
+
+@pytest.mark.parametrize("first_hop", ["10.0.0.7", "::ffff:10.0.0.7"])
+async def test_when_every_forwarded_hop_is_a_trusted_proxy_the_first_hop_is_the_client(
+    make_bridge: BridgeFactory, first_hop: str
+) -> None:
+    # A visitor on the proxies' own network (an office behind them, a health check).
+    def trust(settings: dict[str, Any]) -> None:
+        settings["server"]["trusted_proxies"] = ["127.0.0.0/8", "10.0.0.0/8"]
+
+    bridge = await make_bridge(edit=trust)
+    assert await click_ip(bridge, "t1", {"X-Forwarded-For": f"{first_hop}, 10.0.0.5"}) == "10.0.0.7"
 
 
 async def test_ipv4_addresses_written_as_ipv6_count_as_ipv4(make_bridge: BridgeFactory) -> None:
