@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.retry import HELD_PIXEL_RETRY
 from bridge.stats import collect, format_stats
+from bridge.web import create_app
 from tests.conftest import MAIN_CODE, MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
 
 # A tracker that maps a pixel parameter and routes one status to the second pixel; it names no
@@ -265,6 +268,28 @@ async def test_ipv4_addresses_written_as_ipv6_count_as_ipv4(make_bridge: BridgeF
     await bridge.deliver()
     [event] = bridge.fake.received
     assert event["user"]["ip"] == "198.51.100.4"
+
+
+def dual_stack_socket(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+    """An IPv6 socket that takes IPv4 connections too, as a listener on `::` does by default on Linux."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((host, port))
+    return sock
+
+
+async def test_a_click_an_ipv4_client_sends_to_a_dual_stack_listener_is_stored_with_its_ipv4_address(
+    bridge: Bridge,
+) -> None:
+    # The socket reports the client as ::ffff:127.0.0.1.
+    server = TestServer(create_app(bridge.runtime), host="::ffff:127.0.0.1", socket_factory=dual_stack_socket)
+    async with TestClient(server) as client:
+        url = f"http://127.0.0.1:{client.port}/click"
+        async with client.session.get(url, params={"click_id": "ds1", "ttclid": "E.C.P.ds1"}) as resp:
+            assert resp.status == 204
+
+    [row] = await bridge.store.fetchall("SELECT ip FROM clicks WHERE click_id = 'ds1'")
+    assert row["ip"] == "127.0.0.1"
 
 
 async def test_postback_source_address_is_never_the_users_ip(make_bridge: BridgeFactory) -> None:
