@@ -97,8 +97,8 @@ async def read_params(request: web.Request) -> dict[str, str]:
     pairs = decode_pairs(request.rel_url.raw_query_string, "query")
     if request.method == "POST" and request.body_exists:
         pairs.extend(await _body_params(request))
-    if len(pairs) > MAX_PARAMS:
-        raise BadParameter("query", f"more than {MAX_PARAMS} parameters")
+    if len(pairs) > MAX_PARAMS:  # each part alone is within the limit, decode_pairs saw to that
+        raise BadParameter("query and body", f"more than {MAX_PARAMS} parameters together")
     for name, value in pairs:
         params.setdefault(name, value)
     return params

@@ -506,7 +506,7 @@ async def test_the_parameter_limit_counts_the_query_and_the_body_together(bridge
         "application/x-www-form-urlencoded",
     )
 
-    assert (status, answer) == (400, {"error": "query: more than 100 parameters"})
+    assert (status, answer) == (400, {"error": "query and body: more than 100 parameters together"})
     assert await nothing_kept(bridge)
 
 

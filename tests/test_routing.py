@@ -278,6 +278,16 @@ def dual_stack_socket(host: str, port: int, family: socket.AddressFamily) -> soc
     return sock
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="the kernel has no IPv6")
 async def test_a_click_an_ipv4_client_sends_to_a_dual_stack_listener_is_stored_with_its_ipv4_address(
     bridge: Bridge,
 ) -> None:
