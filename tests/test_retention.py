@@ -10,7 +10,8 @@ from pathlib import Path
 
 from bridge.mapping import Click
 from bridge.store import PRUNE_SLICE, Store
-from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
+from tests.conftest import SECOND_CODE, Bridge, BridgeFactory, base_settings, write_config
+from tests.daemon_proc import DaemonProcess, free_port
 
 
 async def test_prune_removes_more_than_one_slice_and_keeps_pending(bridge: Bridge) -> None:
@@ -137,3 +138,41 @@ def age_every_click(bridge: Bridge, seconds: float) -> None:
     with db:
         db.execute("UPDATE clicks SET created_at = ?", (time.time() - seconds,))
     db.close()
+
+
+async def test_the_daemon_prunes_at_start_each_kind_at_its_own_retention(tmp_path: Path) -> None:
+    settings = base_settings()
+    settings["server"]["port"] = free_port()
+    settings["tiktok"]["dry_run"] = True
+    settings["retention"] = {"clicks": 10 * 86400, "finished_conversions": 40 * 86400}
+    config = write_config(tmp_path, settings)
+    store = await Store(tmp_path / "bridge.db").open()
+    await store.close()
+    now = time.time()
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db", isolation_level=None)) as db:
+        for click_id, days in (("c20", 20), ("c1", 1)):
+            at = now - days * 86400
+            db.execute(
+                "INSERT INTO clicks (click_id, created_at, updated_at) VALUES (?, ?, ?)", (click_id, at, at)
+            )
+        # 1 finished 50 days ago, 2 finished 20 days ago, 3 still waits to be sent.
+        for id_, days, state in ((1, 50, "delivered"), (2, 20, "delivered"), (3, 0, "pending")):
+            at = now - days * 86400
+            finished = None if state == "pending" else at
+            db.execute(
+                "INSERT INTO conversions (id, tracker, click_id, status, event, event_id, event_time,"
+                " state, next_attempt_at, received_at, finished_at)"
+                " VALUES (?, 'keitaro', ?, 'sale', 'Purchase', ?, ?, ?, ?, ?, ?)",
+                (id_, f"x{id_}", f"x{id_}_Purchase", int(at), state, now + 3600, at, finished),
+            )
+    daemon = DaemonProcess(config, settings["server"]["port"])
+    daemon.start()
+    try:
+        pruned = await daemon.wait_log(lambda line: line.get("event") == "pruned")
+    finally:
+        daemon.stop()
+
+    assert (pruned["clicks"], pruned["conversions"]) == (1, 1)
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as db:
+        assert [r[0] for r in db.execute("SELECT click_id FROM clicks")] == ["c1"]
+        assert [r[0] for r in db.execute("SELECT id FROM conversions ORDER BY id")] == [2, 3]
