@@ -256,6 +256,25 @@ async def test_a_held_pixel_is_probed_slowly_and_its_events_never_fail(make_brid
     assert (row["state"], row["attempts"]) == ("pending", 0)
 
 
+async def test_new_conversions_for_a_held_pixel_wait_for_its_next_probe(bridge: Bridge) -> None:
+    bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
+    await lead(bridge, "h0", pixel=SECOND_CODE)
+    await bridge.deliver()
+
+    # Conversions keep coming for four minutes: TikTok is not asked again with each of them.
+    for i in range(1, 5):
+        bridge.clock.advance(60)
+        await lead(bridge, f"h{i}", pixel=SECOND_CODE)
+        await bridge.deliver()
+    assert len([r for r in bridge.fake.requests if r.pixel == SECOND_CODE]) == 1
+
+    bridge.clock.advance(HELD_PIXEL_RETRY - 4 * 60)
+    await bridge.deliver()
+    probes = [r for r in bridge.fake.requests if r.pixel == SECOND_CODE]
+    assert len(probes) == 2
+    assert sorted(probes[1].event_ids) == [f"h{i}_Lead" for i in range(5)]
+
+
 async def test_a_held_pixel_delivers_what_it_held_once_tiktok_accepts_the_token(bridge: Bridge) -> None:
     bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
     held = [await lead(bridge, f"h{i}", pixel=SECOND_CODE) for i in range(3)]
