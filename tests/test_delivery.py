@@ -188,6 +188,24 @@ async def test_a_rate_limited_pixel_waits_before_its_next_request(bridge: Bridge
     assert sorted(bridge.fake.event_ids()) == ["r2_Lead", "r3_Lead"]
 
 
+@pytest.mark.parametrize("kind", ["40100", "429"])
+async def test_a_rate_limited_batch_is_not_sent_again_within_a_second(bridge: Bridge, kind: str) -> None:
+    conversion_id = await lead(bridge, "r4")
+    bridge.clock.advance(60)  # the postback is due; then only the test moves time
+    bridge.clock.freeze()
+    bridge.fake.fail_next(1, kind)
+    await bridge.deliver()
+
+    bridge.clock.advance(0.9)
+    await bridge.deliver()
+    assert len(bridge.fake.requests) == 1
+
+    bridge.clock.advance(0.2)
+    await bridge.deliver()
+    assert len(bridge.fake.requests) == 2
+    assert await state_of(bridge, conversion_id) == "delivered"
+
+
 async def test_a_rate_limited_pixel_does_not_send_the_rest_of_its_queue_at_once(
     make_bridge: BridgeFactory,
 ) -> None:
