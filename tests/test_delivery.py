@@ -19,7 +19,7 @@ from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
 from bridge.runtime import Runtime
 from bridge.stats import collect
 from bridge.worker import LEASE_SECONDS, Worker
-from tests.conftest import MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
+from tests.conftest import MAIN_CODE, MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
 
 # tiktok.timeout for these tests: a hanging TikTok is given up on quickly, and an answering one is
 # still waited for long enough on a loaded machine.
@@ -204,6 +204,21 @@ async def test_a_rate_limited_batch_is_not_sent_again_within_a_second(bridge: Br
     await bridge.deliver()
     assert len(bridge.fake.requests) == 2
     assert await state_of(bridge, conversion_id) == "delivered"
+
+
+async def test_a_rate_limit_on_one_pixel_does_not_slow_the_other(bridge: Bridge) -> None:
+    await lead(bridge, "m1")
+    bridge.clock.advance(60)
+    bridge.clock.freeze()
+    bridge.fake.fail_next(1, "40100")
+    await bridge.deliver()
+
+    # At the same moment, a conversion for the other pixel goes at once.
+    other = await lead(bridge, "s1", pixel=SECOND_CODE)
+    await bridge.deliver()
+
+    assert [r.pixel for r in bridge.fake.requests] == [MAIN_CODE, SECOND_CODE]
+    assert await state_of(bridge, other) == "delivered"
 
 
 async def test_a_rate_limited_pixel_does_not_send_the_rest_of_its_queue_at_once(
