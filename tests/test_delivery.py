@@ -546,6 +546,34 @@ async def test_an_outage_probe_does_not_bring_forward_an_event_already_on_its_wa
     assert await bridge.store.bring_forward(earlier - 10, "main") is None
 
 
+async def two_failed_requests_in_a_row(bridge: Bridge) -> tuple[int, int]:
+    """TikTok fails two requests in a row to main, then answers again; the clock stands still after
+    the first. Returns (twice, once): the event in both requests, now waiting out its second backoff
+    (4 s), and one that arrived after the first failure and is due again in 2 s."""
+    bridge.fake.fail_next(2, "50002")
+    twice = await lead(bridge, "x1")
+    bridge.clock.advance(60)
+    bridge.clock.freeze()
+    await bridge.deliver()
+    once = await lead(bridge, "x2")
+    await bridge.deliver()  # waits for the failing pixel's next request
+    await retry_when_due(bridge)
+    assert len(bridge.fake.requests) == 2
+    assert [(await bridge.row(i))["attempts"] for i in (twice, once)] == [2, 1]
+    return twice, once
+
+
+async def test_the_first_success_after_two_failed_requests_sends_everything_waiting(bridge: Bridge) -> None:
+    twice, once = await two_failed_requests_in_a_row(bridge)
+    waiting_until = (await bridge.row(twice))["next_attempt_at"]
+
+    await retry_when_due(bridge)  # `once` is due again, and TikTok takes it
+
+    assert bridge.clock() < waiting_until - 1
+    assert [await state_of(bridge, i) for i in (once, twice)] == ["delivered", "delivered"]
+    assert sorted(bridge.fake.event_ids()) == ["x1_Lead", "x2_Lead"]
+
+
 async def test_a_leased_event_is_sent_again_once_its_lease_runs_out(bridge: Bridge) -> None:
     conversion_id = await lead(bridge, "lease")
     # A worker claimed it and died before recording anything.
