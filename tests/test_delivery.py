@@ -574,6 +574,29 @@ async def test_the_first_success_after_two_failed_requests_sends_everything_wait
     assert sorted(bridge.fake.event_ids()) == ["x1_Lead", "x2_Lead"]
 
 
+async def test_after_an_outage_ends_a_rate_limited_event_still_waits_its_second(bridge: Bridge) -> None:
+    await two_failed_requests_in_a_row(bridge)
+    await retry_when_due(bridge)
+    assert await bridge.states() == {"delivered": 2}
+
+    bridge.clock.advance(0.1)
+    bridge.fake.fail_next(1, "40100")
+    limited = await lead(bridge, "x3")
+    await bridge.deliver()
+    # Other conversions keep going through while it waits.
+    for i in range(4):
+        bridge.clock.advance(0.2)
+        await lead(bridge, f"n{i}")
+        await bridge.deliver()
+
+    assert {f"n{i}_Lead" for i in range(4)} <= set(bridge.fake.event_ids())
+    assert [r.answer_code for r in bridge.fake.requests if "x3_Lead" in r.event_ids] == [40100]
+    assert await state_of(bridge, limited) == "pending"
+    bridge.clock.advance(0.3)
+    await bridge.deliver()
+    assert await state_of(bridge, limited) == "delivered"
+
+
 async def test_a_leased_event_is_sent_again_once_its_lease_runs_out(bridge: Bridge) -> None:
     conversion_id = await lead(bridge, "lease")
     # A worker claimed it and died before recording anything.
