@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -365,23 +366,33 @@ async def test_two_bad_events_in_one_batch_both_fail_and_only_they(bridge: Bridg
     assert len(set(bridge.fake.event_ids())) == 8
 
 
-async def test_a_bad_event_is_found_by_splitting_when_tiktok_does_not_say_which(
-    make_bridge: BridgeFactory, aiohttp_server: Any
-) -> None:
-    # A TikTok whose 40002 names no event: only splitting the batch can find the bad one.
+async def tiktok_refusing(
+    aiohttp_server: Any, bad: set[str], message: Callable[[list[int]], str]
+) -> tuple[str, list[str]]:
+    """A TikTok that refuses a request carrying any of the `bad` event ids with 40002 and the message
+    `message(their indices in the request)`, and accepts the others. Returns its endpoint and the
+    event ids it accepted."""
     received: list[str] = []
 
     async def track(request: web.Request) -> web.Response:
         ids = [event["event_id"] for event in (await request.json())["data"]]
-        if "b3_Lead" in ids:
-            return web.json_response({"code": 40002, "message": "Invalid parameter", "request_id": "r"})
+        refused = [i for i, event_id in enumerate(ids) if event_id in bad]
+        if refused:
+            return web.json_response({"code": 40002, "message": message(refused), "request_id": "r"})
         received.extend(ids)
         return web.json_response({"code": 0, "message": "OK", "request_id": "r"})
 
     app = web.Application()
     app.router.add_post("/open_api/v1.3/event/track/", track)
     server = await aiohttp_server(app, host="127.0.0.1")
-    endpoint = str(server.make_url("/open_api/v1.3/event/track/"))
+    return str(server.make_url("/open_api/v1.3/event/track/")), received
+
+
+async def test_a_bad_event_is_found_by_splitting_when_tiktok_does_not_say_which(
+    make_bridge: BridgeFactory, aiohttp_server: Any
+) -> None:
+    # A TikTok whose 40002 names no event: only splitting the batch can find the bad one.
+    endpoint, received = await tiktok_refusing(aiohttp_server, {"b3_Lead"}, lambda _: "Invalid parameter")
     bridge = await make_bridge(edit=lambda s: s["tiktok"].update(endpoint=endpoint))
     for i in range(9):
         await lead(bridge, f"b{i}")
@@ -390,6 +401,25 @@ async def test_a_bad_event_is_found_by_splitting_when_tiktok_does_not_say_which(
 
     assert sorted(received) == sorted(f"b{i}_Lead" for i in range(9) if i != 3)
     assert await bridge.states() == {"delivered": 8, "failed": 1}
+
+
+async def test_a_refusal_naming_every_event_of_its_batch_fails_each_with_tiktoks_message(
+    make_bridge: BridgeFactory, aiohttp_server: Any
+) -> None:
+    def every_one(indices: list[int]) -> str:
+        return "; ".join(f"Batch.{i}.properties.value: invalid value" for i in indices)
+
+    bad = {f"e{i}_Lead" for i in range(3)}
+    endpoint, received = await tiktok_refusing(aiohttp_server, bad, every_one)
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(endpoint=endpoint))
+    ids = [await lead(bridge, f"e{i}") for i in range(3)]
+
+    await bridge.deliver()
+
+    rows = [await bridge.row(i) for i in ids]
+    assert [(r["state"], r["attempts"], r["last_code"]) for r in rows] == [("failed", 1, 40002)] * 3
+    assert [r["last_error"] for r in rows] == ["Batch.0.properties.value: invalid value"] * 3
+    assert received == []
 
 
 async def test_a_batch_refused_event_by_event_is_split_at_the_pixels_pace(bridge: Bridge) -> None:
