@@ -422,6 +422,23 @@ async def test_a_refusal_naming_every_event_of_its_batch_fails_each_with_tiktoks
     assert received == []
 
 
+async def test_a_refusal_naming_an_event_the_batch_does_not_have_still_finds_the_bad_one(
+    make_bridge: BridgeFactory, aiohttp_server: Any
+) -> None:
+    # TikTok's index is read from its message: here it points past the end of a batch of three.
+    wrong = "Batch.7.properties.value: invalid value"
+    endpoint, received = await tiktok_refusing(aiohttp_server, {"y1_Lead"}, lambda _: wrong)
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(endpoint=endpoint))
+    ids = [await lead(bridge, f"y{i}") for i in range(3)]
+
+    await bridge.deliver()
+
+    assert sorted(received) == ["y0_Lead", "y2_Lead"]
+    bad = await bridge.row(ids[1])
+    assert (bad["state"], bad["last_code"], bad["last_error"]) == ("failed", 40002, wrong)
+    assert await bridge.states() == {"delivered": 2, "failed": 1}
+
+
 async def test_a_batch_refused_event_by_event_is_split_at_the_pixels_pace(bridge: Bridge) -> None:
     ids = [await lead(bridge, f"w{i}") for i in range(6)]
     for i in range(6):
