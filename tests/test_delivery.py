@@ -644,6 +644,25 @@ async def test_after_an_outage_ends_a_rate_limited_event_still_waits_its_second(
     assert await state_of(bridge, limited) == "delivered"
 
 
+async def test_a_backlog_larger_than_a_request_is_sent_in_the_order_it_fell_due(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(batch_size=2))
+    await lead(bridge, "o0")
+    bridge.clock.advance(60)
+    bridge.clock.freeze()
+    bridge.fake.fail_next(1, "40100")
+    await bridge.deliver()  # o0 is due again in a second
+    # Four more arrive; each is due when it arrives, before o0.
+    for i in range(1, 5):
+        await lead(bridge, f"o{i}")
+
+    bridge.clock.advance(2)
+    await bridge.worker.run_once()
+
+    assert sorted(bridge.fake.requests[1].event_ids) == ["o1_Lead", "o2_Lead"]
+
+
 async def test_a_leased_event_is_sent_again_once_its_lease_runs_out(bridge: Bridge) -> None:
     conversion_id = await lead(bridge, "lease")
     # A worker claimed it and died before recording anything.
