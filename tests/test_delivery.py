@@ -132,6 +132,26 @@ async def test_a_dead_letter_keeps_the_code_and_message_of_one_answer(make_bridg
     assert row["last_error"] == "gave up after 2 attempts: HTTP 502"
 
 
+async def test_a_batch_whose_sending_fails_inside_the_bridge_uses_up_attempts_and_fails(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s.update(delivery={"max_attempts": 3}))
+    conversion_id = await lead(bridge, "c1")
+    # TikTok's refusal names an event index too long for Python to read as a number (over 4300
+    # digits): reading its answer raises, every time the event is sent.
+    bridge.fake.poison("c1_Lead", "see Batch." + "9" * 5000)
+
+    await bridge.deliver()
+    for _ in range(2):
+        await retry_when_due(bridge)
+
+    row = await bridge.row(conversion_id)
+    assert (row["state"], row["attempts"]) == ("failed", 3)
+    assert row["last_error"].startswith("gave up after 3 attempts: internal error")
+    assert len(bridge.fake.requests) == 3
+    assert await bridge.store.next_due_at() is None
+
+
 async def test_a_pixel_held_before_a_restart_is_tried_again_at_once(bridge: Bridge) -> None:
     bridge.fake.set_token(SECOND_CODE, "the-token-tiktok-expects-now")
     held = [await lead(bridge, f"r{i}", pixel=SECOND_CODE) for i in range(2)]
