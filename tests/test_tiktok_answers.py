@@ -62,6 +62,7 @@ def tiktok(code: int, message: str = "msg", request_id: str = "req-1") -> bytes:
         pytest.param(200, body({"message": "OK"}), Kind.TRANSIENT, id="JSON without code"),
         pytest.param(200, body({"code": "0"}), Kind.TRANSIENT, id="string code"),
         pytest.param(200, body({"code": True}), Kind.TRANSIENT, id="boolean code"),
+        pytest.param(200, body({"code": False}), Kind.TRANSIENT, id="boolean false code is not code 0"),
         pytest.param(200, body([0]), Kind.TRANSIENT, id="JSON list"),
         pytest.param(404, b"not found", Kind.TRANSIENT, id="non-JSON 404"),
         pytest.param(500, tiktok(0), Kind.DELIVERED, id="body code 0 beats HTTP 500"),
