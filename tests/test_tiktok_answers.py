@@ -75,6 +75,14 @@ def test_each_answer_maps_to_its_kind(http_status: int, raw: bytes, kind: Kind) 
     assert classify(http_status, raw).kind is kind
 
 
+@pytest.mark.parametrize("code", [50000, 50002, 51234])
+@pytest.mark.parametrize("message", ["Access token service unavailable", "access_token check timed out"])
+def test_a_5xxxx_answer_that_mentions_the_access_token_is_transient_not_a_hold(
+    code: int, message: str
+) -> None:
+    assert classify(200, tiktok(code, message)).kind is Kind.TRANSIENT
+
+
 def test_delivered_answer_keeps_tiktoks_request_id_and_code() -> None:
     answer = classify(200, tiktok(0, "OK", "2024ABC"))
     assert answer == Answer(Kind.DELIVERED, 0, "OK", "2024ABC", 200)
