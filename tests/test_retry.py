@@ -56,6 +56,12 @@ def test_jitter_spreads_delays_that_would_otherwise_coincide() -> None:
     assert backoff.delay(3, 0.0) < backoff.delay(3, 0.5) < backoff.delay(3, 0.99)
 
 
+@pytest.mark.parametrize(("rand", "spread"), [(0.0, 0.8), (1 - 1e-12, 1.2)])
+def test_jitter_reaches_its_full_fraction_at_either_end_of_rand(rand: float, spread: float) -> None:
+    backoff = Backoff(jitter=0.2)
+    assert backoff.delay(3, rand) == pytest.approx(backoff.nominal(3) * spread)
+
+
 def test_huge_attempt_counts_give_the_cap_instead_of_overflowing() -> None:
     assert Backoff(jitter=0.0).delay(1_000_000, 0.3) == 120.0
 
