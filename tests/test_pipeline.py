@@ -397,6 +397,14 @@ async def test_dry_run_marks_delivered_dry_run_and_sends_nothing(make_bridge: An
     assert bridge.fake.requests == []
 
 
+async def test_a_dry_run_delivery_counts_no_attempt(make_bridge: Any) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(dry_run=True))
+    _, body = await bridge.postback("keitaro", **KEITARO_SALE)
+    await bridge.deliver()
+    row = await bridge.row(body["conversion_id"])
+    assert (row["state"], row["attempts"]) == ("delivered_dry_run", 0)
+
+
 async def test_unknown_tracker_is_404(bridge: Bridge) -> None:
     status, body = await bridge.postback("nosuch", subid="x", status="sale")
     assert status == 404
