@@ -405,6 +405,18 @@ async def test_a_dry_run_delivery_counts_no_attempt(make_bridge: Any) -> None:
     assert (row["state"], row["attempts"]) == ("delivered_dry_run", 0)
 
 
+@pytest.mark.parametrize(("partner_name", "head"), [("acme-media", {"partner_name": "acme-media"}), ("", {})])
+async def test_the_configured_partner_name_is_the_payloads_and_an_empty_one_is_left_out(
+    make_bridge: Any, partner_name: str, head: dict[str, str]
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(partner_name=partner_name))
+    await bridge.postback("keitaro", **KEITARO_SALE)
+    await bridge.deliver()
+    [request] = bridge.fake.requests
+    assert request.answer_code == 0
+    assert {key: v for key, v in request.body.items() if key == "partner_name"} == head
+
+
 async def test_unknown_tracker_is_404(bridge: Bridge) -> None:
     status, body = await bridge.postback("nosuch", subid="x", status="sale")
     assert status == 404
