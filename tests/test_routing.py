@@ -358,6 +358,13 @@ async def test_event_without_any_match_key_is_unmatched_and_not_sent(bridge: Bri
     assert bridge.fake.requests == []
 
 
+async def test_an_unmatched_event_counts_no_attempt(bridge: Bridge) -> None:
+    _, body = await bridge.postback("keitaro", subid="n6", status="lead")
+    await bridge.deliver()
+    row = await bridge.row(body["conversion_id"])
+    assert (row["state"], row["attempts"]) == ("unmatched", 0)
+
+
 async def test_ip_without_user_agent_is_not_a_match_key(bridge: Bridge) -> None:
     _, body = await bridge.postback("keitaro", subid="n2", status="lead", ip="177.12.34.56")
     await bridge.deliver()
