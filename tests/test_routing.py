@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 from typing import Any
 
@@ -132,6 +134,28 @@ async def test_an_event_whose_pixel_left_the_config_waits_for_it_and_goes_nowher
     bridge.clock.advance(HELD_PIXEL_RETRY)
     await bridge.deliver()
     assert sent_to(bridge) == {"u2_Lead": (SECOND_CODE, SECOND_TOKEN)}
+
+
+async def test_events_whose_pixel_left_the_config_are_looked_at_again_only_every_held_pixel_retry(
+    bridge: Bridge, log_text: io.StringIO
+) -> None:
+    await bridge.click(click_id="u3", ttclid="E.C.P.u3", pixel="second")
+    await bridge.postback("keitaro", subid="u3", status="lead")
+    settings = yaml.safe_load(bridge.config.path.read_text())
+    bridge.reload({**settings, "pixels": {"main": settings["pixels"]["main"]}})
+    bridge.clock.freeze()
+
+    assert await bridge.deliver() == 1
+    bridge.clock.advance(HELD_PIXEL_RETRY - 1)
+    assert await bridge.deliver() == 0
+    bridge.clock.advance(2)
+    assert await bridge.deliver() == 1
+
+    lines = [json.loads(line) for line in log_text.getvalue().splitlines()]
+    waits = [line for line in lines if line["event"] == "events wait: their pixel is not in the config"]
+    assert [(line["pixel"], line["events"], line["retry_in"]) for line in waits] == [
+        ("second", 1, HELD_PIXEL_RETRY)
+    ] * 2
 
 
 async def test_postback_naming_an_unknown_pixel_is_400(make_bridge: Any) -> None:
