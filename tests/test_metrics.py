@@ -5,9 +5,11 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
+from tests.daemon_proc import free_port
 
 
 async def scrape(bridge: Bridge, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
@@ -93,6 +95,28 @@ async def test_delivery_attempts_are_counted_by_pixel_and_tiktok_code(bridge: Br
     assert attempts[("main", "0")] == 1
     assert attempts[("second", "0")] == 1
     assert attempts[("main", "50002")] + attempts[("second", "50002")] == 1
+
+
+async def test_delivery_attempts_label_a_timeout_apart_from_a_refused_connection(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(timeout=0.3))
+    await bridge.postback("keitaro", **sale("n1"))
+    bridge.fake.fail_next(1, "hang")
+    await bridge.deliver()
+
+    settings = yaml.safe_load(bridge.config.path.read_text())
+    settings["tiktok"]["endpoint"] = f"http://127.0.0.1:{free_port()}/open_api/v1.3/event/track/"
+    bridge.reload(settings)
+    bridge.clock.advance(3600)
+    await bridge.deliver()
+
+    samples = await scrape(bridge)
+    name = "bridge_delivery_attempts_total"
+    assert {dict(labels)["code"]: v for (sample, labels), v in samples.items() if sample == name} == {
+        "timeout": 1,
+        "error": 1,
+    }
 
 
 async def test_batch_size_histogram_counts_requests_and_events(bridge: Bridge) -> None:
