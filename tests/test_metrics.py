@@ -119,6 +119,25 @@ async def test_delivery_attempts_label_a_timeout_apart_from_a_refused_connection
     }
 
 
+async def test_events_finished_counts_an_event_once_when_it_finishes_never_its_retries(
+    bridge: Bridge,
+) -> None:
+    await bridge.postback("keitaro", **sale("f1"))
+    bridge.fake.fail_next(1, "50002")
+    await bridge.deliver()
+
+    name = "bridge_events_finished_total"
+    samples = await scrape(bridge)
+    assert [labels for sample, labels in samples if sample == name] == []
+
+    bridge.clock.advance(3600)
+    await bridge.deliver()
+    samples = await scrape(bridge)
+    assert {labels: v for (sample, labels), v in samples.items() if sample == name} == {
+        frozenset({("pixel", "main"), ("state", "delivered")}): 1
+    }
+
+
 async def test_batch_size_histogram_counts_requests_and_events(bridge: Bridge) -> None:
     before = await scrape(bridge)
     for i in range(3):
