@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -240,6 +241,17 @@ async def test_pixel_health_drops_to_0_after_a_40001_and_returns_after_success(b
     samples = await scrape(bridge)
     assert value(samples, "bridge_pixel_healthy", pixel="main") == 1
     assert value(samples, "bridge_queue_depth", pixel="main") == 0
+
+
+@pytest.mark.parametrize("failure", ["50002", "502html", "reset"])
+async def test_a_transient_failure_leaves_the_pixel_healthy(bridge: Bridge, failure: str) -> None:
+    await bridge.postback("keitaro", **sale("w1"))
+    bridge.fake.fail_next(1, failure)
+    await bridge.deliver()
+
+    samples = await scrape(bridge)
+    assert value(samples, "bridge_queue_depth", pixel="main") == 1
+    assert value(samples, "bridge_pixel_healthy", pixel="main") == 1
 
 
 # -- who may read /metrics and /readyz ----------------------------------------------------------------
