@@ -181,6 +181,22 @@ async def test_stats_shows_a_pixel_healthy_again_after_its_token_is_accepted(
     assert "permission" in second["last_error"].lower()
 
 
+@pytest.mark.parametrize("failure", ["50002", "502html", "reset"])
+async def test_stats_keeps_a_pixel_healthy_through_a_transient_failure_and_never_blames_its_token(
+    bridge: Bridge, capsys: pytest.CaptureFixture[str], failure: str
+) -> None:
+    await lead(bridge, "t1")
+    bridge.fake.fail_next(1, failure)
+    await bridge.deliver()
+
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+    main = json.loads(out)["pixels"]["main"]
+    assert (main["healthy"], main["states"]["pending"]) == (True, 1)
+    _, text, _ = await cli(capsys, bridge, "stats")
+    assert "pixel main: healthy" in text
+    assert "HELD" not in text and "token" not in text
+
+
 async def test_stats_never_pairs_a_hold_without_a_code_with_an_earlier_code(
     bridge: Bridge, capsys: pytest.CaptureFixture[str]
 ) -> None:
