@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
 from bridge.cli import main
 from bridge.config import load_config
+from bridge.retry import HELD_PIXEL_RETRY
 from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
+from tests.fake_tiktok import PATH
 
 
 async def cli(capsys: pytest.CaptureFixture[str], bridge: Bridge, *args: str) -> tuple[int, str, str]:
@@ -195,6 +198,35 @@ async def test_stats_keeps_a_pixel_healthy_through_a_transient_failure_and_never
     _, text, _ = await cli(capsys, bridge, "stats")
     assert "pixel main: healthy" in text
     assert "HELD" not in text and "token" not in text
+
+
+async def test_stats_shows_the_latest_refusal_of_a_held_pixel_refused_again_for_another_reason(
+    make_bridge: BridgeFactory, aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # TikTok refuses the pixel's rights first, then (on the slow retry of the held pixel) its token.
+    answers = [
+        (40001, "No permission to operate pixel"),
+        (40105, "Access token is incorrect or has been revoked"),
+    ]
+
+    async def track(request: web.Request) -> web.Response:
+        code, message = answers.pop(0)
+        return web.json_response({"code": code, "message": message, "request_id": "r1", "data": {}})
+
+    app = web.Application()
+    app.router.add_post(PATH, track)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(endpoint=str(server.make_url(PATH))))
+    await lead(bridge, "h1")
+    await bridge.deliver()
+    bridge.clock.advance(HELD_PIXEL_RETRY)
+    await bridge.deliver()
+    assert answers == []
+
+    _, out, _ = await cli(capsys, bridge, "stats", "--json")
+    main = json.loads(out)["pixels"]["main"]
+    assert (main["healthy"], main["last_code"]) == (False, 40105)
+    assert main["last_error"] == "Access token is incorrect or has been revoked"
 
 
 async def test_stats_never_pairs_a_hold_without_a_code_with_an_earlier_code(
