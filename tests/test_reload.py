@@ -17,8 +17,15 @@ from aiohttp import web
 
 from bridge.daemon import Daemon
 from bridge.sdnotify import Notifier
-from bridge.worker import LEASE_SECONDS
-from tests.conftest import SECOND_CODE, SECOND_TOKEN, BridgeFactory, base_settings, write_config
+from bridge.worker import LEASE_SECONDS, Worker
+from tests.conftest import (
+    SECOND_CODE,
+    SECOND_TOKEN,
+    Bridge,
+    BridgeFactory,
+    base_settings,
+    write_config,
+)
 from tests.daemon_proc import DaemonProcess, free_port
 from tests.fake_tiktok import FakeTikTok
 
@@ -148,6 +155,36 @@ async def test_a_send_still_hanging_at_shutdown_has_its_lease_released(
     # Released: the next claim takes it at once instead of waiting out the lease.
     [claimed] = await bridge.store.claim_due(bridge.clock(), 10, LEASE_SECONDS)
     assert claimed["id"] == body["conversion_id"]
+
+
+async def test_answers_tiktok_gave_are_recorded_when_the_worker_stops_so_a_restart_sends_nothing_again(
+    bridge: Bridge,
+) -> None:
+    _, body = await bridge.postback("keitaro", subid="done", external_id="E.C.P.done", status="lead")
+    # Another writer holds the database: TikTok accepts the event, recording its answer is refused.
+    other = sqlite3.connect(bridge.config.db_path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await bridge.worker.run_once()
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert bridge.fake.event_ids() == ["done_Lead"]
+
+    # SIGTERM before the worker's next cycle (Daemon.run stops the worker so).
+    bridge.worker.start()
+    await bridge.worker.stop()
+
+    row = await bridge.row(body["conversion_id"])
+    assert (row["state"], row["attempts"], row["request_id"]) == (
+        "delivered",
+        1,
+        bridge.fake.received[0]["_request_id"],
+    )
+    restarted = Worker(bridge.runtime, bridge.worker.session, clock=bridge.clock)
+    assert await restarted.run_once() == 0
+    assert bridge.fake.event_ids() == ["done_Lead"]
 
 
 async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_once(
