@@ -19,6 +19,7 @@ from bridge.daemon import Daemon
 from bridge.sdnotify import Notifier
 from bridge.worker import LEASE_SECONDS, Worker
 from tests.conftest import (
+    MAIN_CODE,
     SECOND_CODE,
     SECOND_TOKEN,
     Bridge,
@@ -30,6 +31,7 @@ from tests.daemon_proc import DaemonProcess, free_port
 from tests.fake_tiktok import FakeTikTok
 
 WRONG_TOKEN = "a-token-tiktok-refuses-0000"
+ROTATED_TOKEN = "token-main-rotated-0123456789"
 
 
 @pytest.fixture
@@ -185,6 +187,31 @@ async def test_answers_tiktok_gave_are_recorded_when_the_worker_stops_so_a_resta
     restarted = Worker(bridge.runtime, bridge.worker.session, clock=bridge.clock)
     assert await restarted.run_once() == 0
     assert bridge.fake.event_ids() == ["done_Lead"]
+
+
+async def test_a_reload_that_changes_a_failing_pixel_tries_it_at_once_not_after_the_outage_wait(
+    bridge: Bridge, fake: FakeTikTok
+) -> None:
+    await bridge.postback("keitaro", subid="out", external_id="E.C.P.out", status="lead")
+    # TikTok fails four times in a row: the pixel's next request waits 16 s (its next probe).
+    fake.fail_next(4, "502html")
+    await bridge.deliver()
+    for _ in range(3):
+        bridge.clock.advance(3600)
+        await bridge.deliver()
+    assert [r.http_status for r in fake.requests] == [502] * 4
+
+    settings = yaml.safe_load(bridge.config.path.read_text())
+    settings["pixels"]["main"]["access_token"] = ROTATED_TOKEN
+    fake.set_token(MAIN_CODE, ROTATED_TOKEN)
+    bridge.config.path.write_text(yaml.safe_dump(settings))
+    daemon = Daemon(bridge.config, notifier=Notifier.from_env({}))
+    daemon.runtime, daemon.worker = bridge.runtime, bridge.worker
+    assert await daemon.reload()
+    await bridge.deliver()
+
+    assert [(r.token, r.answer_code) for r in fake.requests[4:]] == [(ROTATED_TOKEN, 0)]
+    assert fake.event_ids() == ["out_Lead"]
 
 
 async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_once(
