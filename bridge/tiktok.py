@@ -52,7 +52,8 @@ _AUTH_CODES = frozenset({40001, 40003, 40104, 40105})
 # Undocumented 4xxxx codes whose message talks about the token are treated as AUTH as well: burning
 # an event's attempts on a token problem would dead-letter every event of the pixel.
 _TOKEN_WORDS = re.compile(r"access[ _-]?token", re.IGNORECASE)
-_BATCH_INDEX = re.compile(r"\bbatch\.(\d+)\b", re.IGNORECASE)
+# At most 9 digits: a longer number is no index of a batch (and past 4300 digits int() raises).
+_BATCH_INDEX = re.compile(r"\bbatch\.(\d{1,9})\b", re.IGNORECASE)
 
 
 def _kind_for_code(code: int, message: str) -> Kind:
