@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MAIN_CODE, REPO, SECOND_CODE, BridgeFactory, base_settings, write_config
+from tests.conftest import MAIN_CODE, REPO, SECOND_CODE, Bridge, BridgeFactory, base_settings, write_config
 from tests.fake_tiktok import FakeTikTok
 
 DAY = 86400.0
@@ -55,15 +55,19 @@ def click_ids(db_path: Path, table: str) -> list[str]:
 # -- prune -------------------------------------------------------------------------------------------------
 
 
-async def test_prune_deletes_old_clicks_and_finished_conversions_and_keeps_pending(
-    make_bridge: BridgeFactory,
-) -> None:
-    bridge = await make_bridge(
-        edit=lambda s: s.update(retention={"clicks": 10 * DAY, "finished_conversions": 20 * DAY})
-    )
+async def old_and_new_leads(make_bridge: BridgeFactory, **retention: int) -> Bridge:
+    """A bridge with this retention and two clicks, `old` and `new`, each with a lead."""
+    bridge = await make_bridge(edit=lambda s: s.update(retention=retention))
     for click_id in ("old", "new"):
         await bridge.click(click_id=click_id, ttclid=f"E.C.P.{click_id}")
         await bridge.postback("keitaro", subid=click_id, status="lead")
+    return bridge
+
+
+async def test_prune_deletes_old_clicks_and_finished_conversions_and_keeps_pending(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await old_and_new_leads(make_bridge, clicks=10 * DAY, finished_conversions=20 * DAY)
     await bridge.postback("keitaro", subid="rej", status="rejected")
     await bridge.deliver()
     await bridge.postback("keitaro", subid="waiting", external_id="E.C.P.w", status="lead")
@@ -84,12 +88,7 @@ async def test_prune_deletes_old_clicks_and_finished_conversions_and_keeps_pendi
 async def test_prune_keeps_clicks_for_retention_clicks_and_conversions_for_retention_finished_conversions(
     make_bridge: BridgeFactory,
 ) -> None:
-    bridge = await make_bridge(
-        edit=lambda s: s.update(retention={"clicks": 10 * DAY, "finished_conversions": 40 * DAY})
-    )
-    for click_id in ("old", "new"):
-        await bridge.click(click_id=click_id, ttclid=f"E.C.P.{click_id}")
-        await bridge.postback("keitaro", subid=click_id, status="lead")
+    bridge = await old_and_new_leads(make_bridge, clicks=10 * DAY, finished_conversions=40 * DAY)
     await bridge.deliver()
     db = bridge.config.db_path
     twenty_days_ago = time.time() - 20 * DAY
