@@ -7,7 +7,7 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import structlog
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge import logs
@@ -24,7 +25,7 @@ from bridge.runtime import Runtime
 from bridge.store import Store
 from bridge.web import create_app
 from bridge.worker import Worker
-from tests.fake_tiktok import FakeTikTok
+from tests.fake_tiktok import PATH, FakeTikTok
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_TRACKERS = REPO / "config" / "trackers"
@@ -78,6 +79,18 @@ async def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: still not true after {timeout}s")
         await asyncio.sleep(0.01)
+
+
+Track = Callable[[web.Request], Awaitable[web.Response]]
+
+
+async def tiktok_stand_in(aiohttp_server: Any, track: Track) -> str:
+    """The endpoint of a TikTok on 127.0.0.1 whose every answer `track` gives, for answers the fake
+    has no switch for; `aiohttp_server` is pytest-aiohttp's fixture, which stops it after the test."""
+    app = web.Application()
+    app.router.add_post(PATH, track)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return str(server.make_url(PATH))
 
 
 class Clock:

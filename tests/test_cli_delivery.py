@@ -15,8 +15,7 @@ from aiohttp import web
 from bridge.cli import main
 from bridge.config import load_config
 from bridge.retry import HELD_PIXEL_RETRY
-from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
-from tests.fake_tiktok import PATH
+from tests.conftest import SECOND_CODE, Bridge, BridgeFactory, tiktok_stand_in
 
 
 async def cli(capsys: pytest.CaptureFixture[str], bridge: Bridge, *args: str) -> tuple[int, str, str]:
@@ -213,10 +212,8 @@ async def test_stats_shows_the_latest_refusal_of_a_held_pixel_refused_again_for_
         code, message = answers.pop(0)
         return web.json_response({"code": code, "message": message, "request_id": "r1", "data": {}})
 
-    app = web.Application()
-    app.router.add_post(PATH, track)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(endpoint=str(server.make_url(PATH))))
+    endpoint = await tiktok_stand_in(aiohttp_server, track)
+    bridge = await make_bridge(edit=lambda s: s["tiktok"].update(endpoint=endpoint))
     await lead(bridge, "h1")
     await bridge.deliver()
     bridge.clock.advance(HELD_PIXEL_RETRY)

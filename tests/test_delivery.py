@@ -20,7 +20,15 @@ from bridge.retry import HELD_PIXEL_RETRY, RECOVERY_PROBE, Backoff
 from bridge.runtime import Runtime
 from bridge.stats import collect
 from bridge.worker import LEASE_SECONDS, Worker
-from tests.conftest import MAIN_CODE, MAIN_TOKEN, SECOND_CODE, SECOND_TOKEN, Bridge, BridgeFactory
+from tests.conftest import (
+    MAIN_CODE,
+    MAIN_TOKEN,
+    SECOND_CODE,
+    SECOND_TOKEN,
+    Bridge,
+    BridgeFactory,
+    tiktok_stand_in,
+)
 
 # tiktok.timeout for these tests: a hanging TikTok is given up on quickly, and an answering one is
 # still waited for long enough on a loaded machine.
@@ -398,10 +406,7 @@ async def tiktok_refusing(
         received.extend(ids)
         return web.json_response({"code": 0, "message": "OK", "request_id": "r"})
 
-    app = web.Application()
-    app.router.add_post("/open_api/v1.3/event/track/", track)
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return str(server.make_url("/open_api/v1.3/event/track/")), received
+    return await tiktok_stand_in(aiohttp_server, track), received
 
 
 async def test_a_bad_event_is_found_by_splitting_when_tiktok_does_not_say_which(

@@ -25,6 +25,7 @@ from tests.conftest import (
     Bridge,
     BridgeFactory,
     base_settings,
+    tiktok_stand_in,
     write_config,
 )
 from tests.daemon_proc import DaemonProcess, free_port
@@ -230,12 +231,10 @@ async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_
         received.extend(ids)
         return web.json_response({"code": 0, "message": "OK", "request_id": "r2"})
 
-    app = web.Application()
-    app.router.add_post("/open_api/v1.3/event/track/", track)
-    server = await aiohttp_server(app, host="127.0.0.1")
+    endpoint = await tiktok_stand_in(aiohttp_server, track)
 
     def wrong_token(settings: dict[str, Any]) -> None:
-        settings["tiktok"]["endpoint"] = str(server.make_url("/open_api/v1.3/event/track/"))
+        settings["tiktok"]["endpoint"] = endpoint
         settings["pixels"]["second"]["access_token"] = WRONG_TOKEN
 
     bridge = await make_bridge(edit=wrong_token)
