@@ -39,7 +39,7 @@ async def _open_store(config: Config) -> Store:
     if not config.db_path.exists():
         raise CommandError(f"no database at {config.db_path} yet (storage.path); has the daemon run?")
     try:
-        return await Store(config.db_path).open()
+        return await Store(config.db_path).open(upgrade=False)
     except StoreUnavailable as exc:
         raise CommandError(str(exc)) from None
 

@@ -234,8 +234,13 @@ class Store:
 
     # -- lifetime ---------------------------------------------------------------------------------
 
-    async def open(self) -> Store:
-        """Open (creating it and its directory if needed) and migrate; StoreUnavailable says why not."""
+    async def open(self, upgrade: bool = True) -> Store:
+        """Open (creating it and its directory if needed) and migrate; StoreUnavailable says why not.
+
+        With `upgrade` false (the admin commands), a database at an older schema version is refused
+        instead: only the daemon upgrades, so a command run between installing a release and restarting
+        the daemon never changes the schema under the daemon still running, nor the backup taken then.
+        """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Tried with the plain driver first: a failed aiosqlite connect leaves its thread to report
@@ -251,7 +256,7 @@ class Store:
                     f"the SQLite library ({sqlite3.sqlite_version}) was built without its JSON functions,"
                     " which the delivery worker needs (SQLite 3.38 and newer always have them)"
                 ) from None
-            await self._migrate()
+            await self._migrate(upgrade)
             ingest = await asyncio.to_thread(self._connect)
             self._write_lock.open()
         except (OSError, sqlite3.Error, StoreUnavailable) as exc:
@@ -298,13 +303,21 @@ class Store:
             raise StoreUnavailable("database is closed")
         return self._db
 
-    async def _migrate(self) -> None:
+    async def _migrate(self, upgrade: bool = True) -> None:
         db = self.db
-        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        if upgrade:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        elif not await self._scalar("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'"):
+            raise StoreUnavailable(f"{self.path} is not a database the daemon has created yet")
         version = await self._scalar("SELECT MAX(version) FROM schema_version") or 0
         if version > len(MIGRATIONS):
             raise StoreUnavailable(
                 f"{self.path} has schema version {version}, newer than this release knows ({len(MIGRATIONS)})"
+            )
+        if version < len(MIGRATIONS) and not upgrade:
+            raise StoreUnavailable(
+                f"{self.path} has schema version {version} and this release's is {len(MIGRATIONS)}:"
+                " the daemon upgrades it when it starts; restart it, then run this command again"
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await db.execute("BEGIN IMMEDIATE")

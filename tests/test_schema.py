@@ -7,8 +7,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
+from bridge.cli import main
 from bridge.store import MIGRATIONS
-from tests.conftest import BridgeFactory
+from tests.conftest import BridgeFactory, base_settings, write_config
 
 INDEXES = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'conversions'"
 
@@ -46,3 +49,37 @@ async def test_a_first_release_database_is_upgraded_and_its_waiting_event_delive
     # New conversions take the ids after the old ones.
     _, body = await bridge.postback("keitaro", subid="new1", status="sale", external_id="E.C.P.new")
     assert body["conversion_id"] == 2
+
+
+@pytest.mark.parametrize("command", [["stats"], ["failed", "list"], ["prune"]])
+def test_an_admin_command_leaves_an_older_schema_to_the_daemon_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    # Between installing a release and restarting the daemon, the old daemon still runs on this file,
+    # and the backup taken for going back must stay one the old release can open.
+    first_release_database(tmp_path / "var" / "bridge.db")
+    config = write_config(tmp_path, {**base_settings(), "storage": {"path": "var/bridge.db"}})
+
+    assert main([*command, "-c", str(config)]) == 1
+
+    err = capsys.readouterr().err
+    assert "schema version 1" in err
+    assert f"this release's is {len(MIGRATIONS)}" in err
+    assert "restart" in err
+    with contextlib.closing(sqlite3.connect(tmp_path / "var" / "bridge.db")) as db:
+        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone() == (1,)
+        assert {row[0] for row in db.execute(INDEXES)} >= {"conversions_batch", "conversions_state"}
+        assert db.execute("SELECT state FROM conversions").fetchall() == [("pending",)]
+
+
+def test_an_admin_command_does_not_make_a_database_of_an_empty_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bridge.db").touch()
+    config = write_config(tmp_path, base_settings())
+
+    assert main(["stats", "-c", str(config)]) == 1
+
+    assert "not a database the daemon has created yet" in capsys.readouterr().err
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as db:
+        assert db.execute("SELECT name FROM sqlite_master").fetchall() == []
