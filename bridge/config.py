@@ -340,7 +340,8 @@ def resolve_config_path(arg: str | None, environ: Mapping[str, str] | None = Non
 def expand_env(
     value: Any, environ: Mapping[str, str], where: str, problems: list[str], warnings: list[str] | None = None
 ) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree.
+    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree; the default is
+    taken when VAR is unset or empty, as in the shell.
 
     Nothing of a value is quoted in a problem or warning: it may be a token or a key."""
     if isinstance(value, dict):
@@ -370,8 +371,11 @@ def expand_env(
 
     def sub(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in environ:
-            return environ[name]
+        found = environ.get(name)
+        # As in the shell, `:-` takes the default for a variable set but empty too: an empty
+        # `NAME=` line in an env file leaves the default in force, while `${NAME}` stays empty.
+        if found is not None and (found or default is None):
+            return found
         if default is not None:
             return default
         problems.append(

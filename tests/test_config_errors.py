@@ -15,7 +15,7 @@ import yaml
 from bridge.cli import main
 from bridge.config import load_config
 from bridge.mapping import build_conversion
-from tests.conftest import REPO, base_settings, write_config
+from tests.conftest import MAIN_CODE, REPO, base_settings, write_config
 
 KEITARO = yaml.safe_load((REPO / "config" / "trackers" / "keitaro.yaml").read_text())
 
@@ -185,6 +185,25 @@ def test_unset_environment_variable_names_the_key(
         "is not set (add BRIDGE_TEST_UNSET_TOKEN=... to the service's env file and run commands through `pb`,"
         " as docs/deployment.md shows; or write ${BRIDGE_TEST_UNSET_TOKEN:-default})"
     ]
+
+
+def test_a_default_is_taken_for_a_variable_set_but_empty(tmp_path: Path, settings: dict[str, Any]) -> None:
+    # As the shell does: `TIKTOK_PIXEL_MAIN=` left empty in the env file keeps the default in force.
+    settings["pixels"]["main"]["code"] = f"${{BRIDGE_TEST_PIXEL:-{MAIN_CODE}}}"
+
+    config = load_config(write(tmp_path, settings), environ={"BRIDGE_TEST_PIXEL": ""})
+
+    assert config.pixel("main").code == MAIN_CODE
+
+
+def test_a_variable_set_but_empty_without_a_default_stays_empty(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    settings["pixels"]["second"]["test_event_code"] = "before-${BRIDGE_TEST_CODE}-after"
+
+    config = load_config(write(tmp_path, settings), environ={"BRIDGE_TEST_CODE": ""})
+
+    assert config.pixel("second").test_event_code == "before--after"
 
 
 @pytest.mark.parametrize("written", ["${BRIDGE_TEST_TOKEN-fallback}", "${BRIDGE_TEST_TOKEN:=x}", "a${B C}"])
