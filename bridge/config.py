@@ -495,59 +495,95 @@ def _validation_problems(path: Path, exc: ValidationError) -> list[str]:
 
 
 def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the main file and every tracker file; raise ConfigError listing all problems."""
+    """Load and validate the main file and every tracker file; raise ConfigError listing all problems.
+
+    Tracker files are checked even when the main file is invalid, so that one run names every
+    problem; only what needs valid settings (pixel names) waits for a valid main file."""
     environ = os.environ if environ is None else environ
     path = Path(path)
     problems: list[str] = []
     blamed: set[str] = set()
-
-    def unblamed(lines: Iterable[str]) -> list[str]:
-        return [line for line in lines if not any(line.startswith(key) for key in blamed)]
-
     warnings: list[str] = []
     raw = _read_yaml(path, environ, problems, blamed, warnings)
     if raw is None:
+        # Nothing says where the tracker files are: the default directory may not be the one meant.
         raise ConfigError(problems)
+    settings: Settings | None = None
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(problems + unblamed(_validation_problems(path, exc))) from None
-    problems.extend(unblamed(_settings_problems(path, settings)))
-    warnings.extend(_test_event_warnings(path, settings))
-    warnings.extend(_retention_warnings(path, settings))
+        problems.extend(_unblamed(_validation_problems(path, exc), blamed))
+    else:
+        problems.extend(_unblamed(_settings_problems(path, settings), blamed))
+        warnings.extend(_test_event_warnings(path, settings))
+        warnings.extend(_retention_warnings(path, settings))
 
     trackers: dict[str, TrackerConfig] = {}
-    origin: dict[str, Path] = {}
-    trackers_dir = _relative_to(path, settings.trackers_dir)
-    if f"{path}: trackers_dir: " in blamed:
-        pass  # its variable is unset: read from the config's own directory, every file would be wrong
-    elif not trackers_dir.is_dir():
-        problems.append(f"{path}: trackers_dir: {trackers_dir} is not a directory")
+    trackers_dir = settings.trackers_dir if settings is not None else _trackers_dir_of(raw)
+    if trackers_dir is None or f"{path}: trackers_dir: " in blamed:
+        pass  # unusable, or its variable is unset: any directory read instead would be the wrong one
+    elif not (directory := _relative_to(path, trackers_dir)).is_dir():
+        problems.append(f"{path}: trackers_dir: {directory} is not a directory")
     else:
-        warnings.extend(
-            f"{file}: not read: tracker files end in .yaml" for file in sorted(trackers_dir.glob("*.yml"))
-        )
-        for file in sorted(trackers_dir.glob("*.yaml")):
-            data = _read_yaml(file, environ, problems, blamed, warnings)
-            if data is None:
-                continue
-            try:
-                tracker = TrackerConfig.model_validate(data)
-            except ValidationError as exc:
-                problems.extend(unblamed(_validation_problems(file, exc)))
-                continue
-            if tracker.name in trackers:
-                problems.append(f"{file}: name: {tracker.name!r} is already used by {origin[tracker.name]}")
-                continue
-            problems.extend(unblamed(_tracker_pixel_problems(file, tracker, settings)))
-            warnings.extend(_custom_event_warnings(file, tracker))
-            warnings.extend(unblamed(_open_tracker_warnings(file, tracker, settings)))
-            warnings.extend(_tracker_warnings(file, tracker))
-            trackers[tracker.name] = tracker
-            origin[tracker.name] = file
-    if problems:
+        trackers = _read_trackers(directory, settings, environ, problems, blamed, warnings)
+    if problems or settings is None:
         raise ConfigError(problems)
     return Config(settings=settings, trackers=trackers, path=path, warnings=tuple(warnings))
+
+
+def _unblamed(lines: Iterable[str], blamed: set[str]) -> list[str]:
+    return [line for line in lines if not any(line.startswith(key) for key in blamed)]
+
+
+class _TrackersDirOnly(_Model):
+    """trackers_dir as Settings reads it, from a main file that is otherwise invalid."""
+
+    model_config = ConfigDict(extra="ignore")
+    trackers_dir: str = Settings.model_fields["trackers_dir"].default
+
+
+def _trackers_dir_of(raw: Mapping[str, Any]) -> str | None:
+    try:
+        return _TrackersDirOnly.model_validate(raw).trackers_dir
+    except ValidationError:
+        return None  # named already among the main file's problems
+
+
+def _read_trackers(
+    trackers_dir: Path,
+    settings: Settings | None,
+    environ: Mapping[str, str],
+    problems: list[str],
+    blamed: set[str],
+    warnings: list[str],
+) -> dict[str, TrackerConfig]:
+    """Every tracker file of `trackers_dir`, by name. Without settings (the main file is invalid), the
+    checks that need them are left out."""
+    warnings.extend(
+        f"{file}: not read: tracker files end in .yaml" for file in sorted(trackers_dir.glob("*.yml"))
+    )
+    trackers: dict[str, TrackerConfig] = {}
+    origin: dict[str, Path] = {}
+    for file in sorted(trackers_dir.glob("*.yaml")):
+        data = _read_yaml(file, environ, problems, blamed, warnings)
+        if data is None:
+            continue
+        try:
+            tracker = TrackerConfig.model_validate(data)
+        except ValidationError as exc:
+            problems.extend(_unblamed(_validation_problems(file, exc), blamed))
+            continue
+        if tracker.name in trackers:
+            problems.append(f"{file}: name: {tracker.name!r} is already used by {origin[tracker.name]}")
+            continue
+        warnings.extend(_custom_event_warnings(file, tracker))
+        if settings is not None:
+            problems.extend(_unblamed(_tracker_pixel_problems(file, tracker, settings), blamed))
+            warnings.extend(_unblamed(_open_tracker_warnings(file, tracker, settings), blamed))
+        warnings.extend(_tracker_warnings(file, tracker))
+        trackers[tracker.name] = tracker
+        origin[tracker.name] = file
+    return trackers
 
 
 def unreadable_by_the_service(config: Config) -> list[str]:

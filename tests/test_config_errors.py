@@ -592,6 +592,60 @@ def test_an_unset_variable_in_a_list_is_reported_once(
     assert "server.trusted_proxies[1]: environment variable BRIDGE_TEST_UNSET_PROXY is not set" in problem
 
 
+def test_tracker_problems_are_named_in_the_same_run_as_the_main_files(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["tiktok"]["batch_size"] = 5000
+    path = write(
+        tmp_path,
+        settings,
+        {
+            "other": tracker(allowed_ips=["10.0.0.0/8"]),
+            # Which pixels there are is known only from a valid main file: checked once it is.
+            "elsewhere": tracker(name="elsewhere", pixel="nosuch"),
+        },
+    )
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    assert [p.split(": ")[:2] for p in problems] == [
+        [str(path), "tiktok.batch_size"],
+        [str(tmp_path / "trackers" / "other.yaml"), "allowed_ips"],
+    ]
+
+
+def test_a_main_file_with_problems_still_says_where_its_tracker_files_are(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings["server"]["port"] = 0
+    settings["trackers_dir"] = "networks"
+    path = write(tmp_path, settings, {"other": tracker(name="Bad Name")})
+    (tmp_path / "trackers").rename(tmp_path / "networks")
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    assert [p.split(": ")[:2] for p in problems] == [
+        [str(path), "server.port"],
+        [str(tmp_path / "networks" / "other.yaml"), "name"],
+    ]
+
+
+def test_a_main_file_that_cannot_be_read_names_no_tracker_file(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Where its trackers_dir points is unknown: the default directory may hold files it does not use.
+    path = write(tmp_path, settings, {"other": tracker(name="Bad Name")})
+    path.write_text(path.read_text() + "server: [\n")
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.startswith(f"{path}: YAML syntax error")
+
+
 def test_tracker_problems_never_show_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     secret = "pk-do-not-print-5b1e"
     _, code, problems = tracker_problems(tmp_path, capsys, key=secret, name="Bad Name", pixel="nosuch")
@@ -619,6 +673,8 @@ def test_check_config_command_exits_2_with_one_line_per_problem(tmp_path: Path) 
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         f"config error: {path}: tiktok.batch_size: Input should be greater than or equal to 1",
+        f"config error: {path.parent / 'trackers' / 'other.yaml'}: params: click_id must be mapped to the"
+        " tracker's click id parameter",
     ]
 
 
@@ -633,6 +689,8 @@ def test_run_with_an_invalid_config_exits_2_before_starting(tmp_path: Path) -> N
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         f"config error: {path}: server.port: Input should be less than or equal to 65535",
+        f"config error: {path.parent / 'trackers' / 'other.yaml'}: params: click_id must be mapped to the"
+        " tracker's click id parameter",
     ]
 
 
