@@ -586,17 +586,47 @@ def _read_trackers(
     return trackers
 
 
-def unreadable_by_the_service(config: Config) -> list[str]:
-    """Files of the config that the shipped unit's service user could not read, judged by root.
+# The permission bits of other users on a directory, what each lets them do, and its chmod letter.
+_OTHERS = ((stat.S_IROTH, "list", "r"), (stat.S_IXOTH, "enter", "x"))
 
-    Root reads any file; that user (DynamicUser) only world-readable ones. A file created under a
-    strict umask would pass `check-config` run as root, then stop a reload or a start. Said by
-    check-config only: the daemon, whatever user it runs as, reads its files or refuses them.
+
+def unreadable_by_the_service(config: Config) -> list[str]:
+    """Files of the config that the shipped unit's service user could not read, judged by root: the
+    files themselves, and the directories on the way to them.
+
+    Root reads any file; that user (DynamicUser) only what other users may: a world-readable file
+    reached through directories it may enter (x), in a trackers_dir it may list (r). A file or
+    directory created under a strict umask (`install -d -m 700`, umask 077) would pass `check-config`
+    run as root, then stop a reload or a start. Said by check-config only: the daemon, whatever user
+    it runs as, reads its files or refuses them.
     """
     if os.geteuid() != 0:
         return []  # whoever this is read the files, as the service's user will
-    files = [config.path, *sorted(_relative_to(config.path, config.settings.trackers_dir).glob("*.yaml"))]
+    trackers_dir = config.trackers_dir
+    files = [config.path, *sorted(trackers_dir.glob("*.yaml"))]
+    # Each directory's permission bits other users need: x to pass through it to a file or to
+    # trackers_dir, and r on trackers_dir as well, which the daemon lists to find the tracker files.
+    needed: dict[Path, int] = {}
+    for path in [*files, trackers_dir]:
+        for directory in _directories_on_the_way(path):
+            needed[directory] = needed.get(directory, 0) | stat.S_IXOTH
+    real = trackers_dir.resolve()
+    needed[real] = needed.get(real, 0) | stat.S_IROTH | stat.S_IXOTH
     warnings = []
+    for directory, bits in sorted(needed.items()):
+        try:
+            mode = directory.stat().st_mode
+        except OSError:
+            continue
+        missing = [(word, letter) for bit, word, letter in _OTHERS if bits & bit and not mode & bit]
+        if not missing:
+            continue
+        reach = "read the tracker files in it" if bits & stat.S_IROTH else "reach the config files below it"
+        warnings.append(
+            f"{directory}: a directory other users cannot {' or '.join(word for word, _ in missing)}"
+            f" (mode {stat.S_IMODE(mode):03o}), so the service's own user cannot {reach}:"
+            f" chmod o+{''.join(letter for _, letter in missing)} {directory}"
+        )
     for file in files:
         try:
             mode = file.stat().st_mode
@@ -608,6 +638,13 @@ def unreadable_by_the_service(config: Config) -> list[str]:
                 f" user cannot read it: chmod 644 {file}"
             )
     return warnings
+
+
+def _directories_on_the_way(path: Path) -> set[Path]:
+    """Every directory the system passes through to open `path`, each by its real name: a symbolic
+    link's own mode counts for nothing, its target's does."""
+    written = Path(os.path.abspath(path))
+    return {parent.resolve() for parent in written.parents} | set(path.resolve().parents)
 
 
 def _settings_problems(path: Path, settings: Settings) -> list[str]:

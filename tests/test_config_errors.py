@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -433,6 +436,16 @@ def test_tracker_unset_environment_variable_names_the_key(
     assert problem.startswith(f"{file}: key: environment variable BRIDGE_TEST_UNSET_KEY is not set")
 
 
+@pytest.fixture
+def service_dir() -> Iterator[Path]:
+    """A directory other users may enter, as /etc/postback-bridge is. pytest's own are 700, which
+    check-config run as root warns about: the service's user could not reach the files in them."""
+    directory = Path(tempfile.mkdtemp(prefix="postback-bridge-test-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory)
+
+
 def warnings_of(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
     code = main(["check-config", "-c", str(path)])
     err = capsys.readouterr().err
@@ -441,7 +454,7 @@ def warnings_of(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
 
 
 def test_tracker_traps_that_lose_every_postback_are_warned_about(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    service_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     secret = "Ab+cd/ef=="  # what `openssl rand -base64` gives; '+' arrives as a space unless encoded
     trackers = {
@@ -450,8 +463,8 @@ def test_tracker_traps_that_lose_every_postback_are_warned_about(
         "flat": tracker(name="flat", params={"click_id": "subid"}),
         "fine": tracker(name="fine", key="k3y-0123456789abcdef"),
     }
-    trackers_dir = tmp_path / "trackers"
-    path = write(tmp_path, base_settings(), trackers)
+    trackers_dir = service_dir / "trackers"
+    path = write(service_dir, base_settings(), trackers)
     (trackers_dir / "extra.yml").write_text(yaml.safe_dump(tracker(name="extra")))
 
     warnings = warnings_of(path, capsys)
@@ -469,10 +482,10 @@ def test_tracker_traps_that_lose_every_postback_are_warned_about(
 
 
 def test_a_test_event_code_left_in_is_warned_about_and_named_in_the_mode(
-    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    service_dir: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings["pixels"]["second"]["test_event_code"] = "TEST12345"
-    path = write(tmp_path, settings)
+    path = write(service_dir, settings)
 
     assert warnings_of(path, capsys) == [
         f"{path}: pixels.second.test_event_code: set, so every event sent for this pixel is a test event"
@@ -482,14 +495,14 @@ def test_a_test_event_code_left_in_is_warned_about_and_named_in_the_mode(
     assert capsys.readouterr().out.rstrip().endswith("live, test events only for second")
 
     settings["tiktok"]["dry_run"] = True  # nothing reaches TikTok: the code does no harm
-    assert warnings_of(write(tmp_path, settings), capsys) == []
+    assert warnings_of(write(service_dir, settings), capsys) == []
 
 
 def test_finished_conversions_kept_shorter_than_events_are_sent_is_warned_about(
-    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    service_dir: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings["retention"] = {"finished_conversions": 86400}
-    path = write(tmp_path, settings)
+    path = write(service_dir, settings)
 
     assert warnings_of(path, capsys) == [
         f"{path}: retention.finished_conversions: 86400 s is shorter than delivery.max_event_age (604800 s):"
@@ -497,15 +510,17 @@ def test_finished_conversions_kept_shorter_than_events_are_sent_is_warned_about(
         " after it loses its _{transaction_id} suffix)"
     ]
     settings["retention"] = {"finished_conversions": 604800}
-    assert warnings_of(write(tmp_path, settings), capsys) == []
+    assert warnings_of(write(service_dir, settings), capsys) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root reads a file other users cannot")
 def test_a_file_the_service_user_cannot_read_is_warned_about_when_root_checks_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    service_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = write(tmp_path, base_settings(), {"private": tracker(name="private", key="k3y-0123456789abcdef")})
-    private = tmp_path / "trackers" / "private.yaml"
+    path = write(
+        service_dir, base_settings(), {"private": tracker(name="private", key="k3y-0123456789abcdef")}
+    )
+    private = service_dir / "trackers" / "private.yaml"
     private.chmod(0o600)  # as `install -m 600`, or an editor under umask 077, leaves it
 
     assert warnings_of(path, capsys) == [
@@ -516,28 +531,63 @@ def test_a_file_the_service_user_cannot_read_is_warned_about_when_root_checks_it
     assert warnings_of(path, capsys) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root passes through a directory other users cannot")
+@pytest.mark.parametrize(
+    ("mode", "cannot", "grant"), [(0o700, "list or enter", "rx"), (0o711, "list", "r")], ids=["700", "711"]
+)
+def test_a_trackers_directory_the_service_user_cannot_list_is_warned_about_when_root_checks_it(
+    service_dir: Path, capsys: pytest.CaptureFixture[str], mode: int, cannot: str, grant: str
+) -> None:
+    path = write(service_dir, base_settings())
+    trackers_dir = service_dir / "trackers"
+    trackers_dir.chmod(mode)  # as `install -d -m 700`, or mkdir under umask 077, leaves it
+
+    assert warnings_of(path, capsys) == [
+        f"{trackers_dir}: a directory other users cannot {cannot} (mode {mode:03o}), so the service's own"
+        f" user cannot read the tracker files in it: chmod o+{grant} {trackers_dir}"
+    ]
+    trackers_dir.chmod(0o755)
+    assert warnings_of(path, capsys) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root passes through a directory other users cannot")
+def test_a_directory_above_the_config_the_service_user_cannot_enter_is_warned_about_when_root_checks_it(
+    service_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    etc = service_dir / "etc"
+    path = write(etc / "postback-bridge", base_settings())
+    etc.chmod(0o700)
+
+    assert warnings_of(path, capsys) == [
+        f"{etc}: a directory other users cannot enter (mode 700), so the service's own user cannot reach the"
+        f" config files below it: chmod o+x {etc}"
+    ]
+    etc.chmod(0o755)
+    assert warnings_of(path, capsys) == []
+
+
 def test_a_value_written_as_a_shell_variable_is_warned_about(
-    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    service_dir: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings["pixels"]["main"]["access_token"] = "$TIKTOK_TOKEN"
-    path = write(tmp_path, settings, {"other": tracker(key="$KEITARO_KEY")})
+    path = write(service_dir, settings, {"other": tracker(key="$KEITARO_KEY")})
 
     warnings = warnings_of(path, capsys)
 
     assert warnings == [
-        f"{tmp_path / 'bridge.yaml'}: pixels.main.access_token: a value of the form $NAME is taken as it is;"
+        f"{path}: pixels.main.access_token: a value of the form $NAME is taken as it is;"
         " write ${NAME} to use the variable",
-        f"{tmp_path / 'trackers' / 'other.yaml'}: key: a value of the form $NAME is taken as it is;"
+        f"{service_dir / 'trackers' / 'other.yaml'}: key: a value of the form $NAME is taken as it is;"
         " write ${NAME} to use the variable",
     ]
 
 
 def test_a_variable_whose_value_looks_like_one_is_neither_warned_about_nor_shown(
-    tmp_path: Path, settings: dict[str, Any]
+    service_dir: Path, settings: dict[str, Any]
 ) -> None:
     secret = "$abcTOKEN123"
     settings["pixels"]["main"]["access_token"] = "${BRIDGE_TEST_TOKEN}"
-    path = write(tmp_path, settings)
+    path = write(service_dir, settings)
 
     # A subprocess: the variable is read from its environment, as the daemon reads it.
     config_out = subprocess.run(
