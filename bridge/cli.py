@@ -248,6 +248,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# What an SQLite INTEGER holds: a conversion ID is one, so an ID typed outside it is no conversion's.
+_SQLITE_INTEGER = range(-(2**63), 2**63)
+
 FAILED_COLUMNS = (
     "id",
     "tracker",
@@ -301,12 +304,14 @@ def cmd_failed(args: argparse.Namespace) -> int:
                 left = (await store.fetchall("SELECT COUNT(*) FROM conversions WHERE state = 'failed'"))[0][0]
             else:
                 ids = sorted(set(args.ids))
-                marks = ",".join("?" * len(ids))
+                # One SQLite cannot hold would not even be looked up: it "does not exist", as any other.
+                storable = [i for i in ids if i in _SQLITE_INTEGER]
+                marks = ",".join("?" * len(storable))
                 found = {
                     row["id"]: row
                     for row in await store.fetchall(
                         f"SELECT id, state, event_time FROM conversions WHERE id IN ({marks})",  # noqa: S608
-                        ids,
+                        storable,
                     )
                 }
                 wrong = [

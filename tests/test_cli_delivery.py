@@ -404,3 +404,20 @@ async def test_failed_retry_needs_ids_or_all(bridge: Bridge, capsys: pytest.Capt
     code, _, err = await cli(capsys, bridge, "failed", "retry", "--all", "1")
     assert code != 0
     assert err == "postback-bridge: failed retry: give conversion IDs or --all, not both\n"
+
+
+async def test_retrying_an_id_beyond_what_the_database_can_hold_says_it_does_not_exist(
+    make_bridge: BridgeFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge, ids = await dead_letters(make_bridge, 1)
+    too_large, too_small = str(2**63), "-99999999999999999999"  # one past SQLite's INTEGER, and far below it
+
+    code, out, err = await cli(capsys, bridge, "failed", "retry", str(ids[0]), too_large, too_small)
+
+    assert (code, out) == (1, "")
+    assert "Traceback" not in err
+    assert err == (
+        "postback-bridge: failed retry: nothing requeued: "
+        f"{too_small} does not exist; {too_large} does not exist\n"
+    )
+    assert (await bridge.row(ids[0]))["state"] == "failed"
