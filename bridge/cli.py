@@ -78,9 +78,12 @@ def explain(
 ) -> dict[str, Any]:
     """What the bridge would do with a postback URL: rejected, ignored, a duplicate, or the event it
     would send. `click` and `same` (the click's recorded conversions of the event, see store.repeat_of)
-    come from the database; `same` None: not known."""
+    come from the database; `same` None: not known. A URL that cannot be parsed is a CommandError."""
     now = time.time() if now is None else now
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a host no tracker could have sent to: `http://[::1/postback/...`
+        raise CommandError(f"explain: cannot read the URL: {exc}") from None
     segments = [s for s in parts.path.split("/") if s]
     if len(segments) != 2 or segments[0] != "postback":
         return {"result": "rejected", "status": 404, "why": "the path must be /postback/{tracker}"}

@@ -247,6 +247,27 @@ def test_explain_unknown_tracker(config_path: Path, capsys: pytest.CaptureFixtur
     assert "bemob, binom, keitaro" in result["why"]
 
 
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://[::1/postback/keitaro?subid=1&status=lead", "Invalid IPv6 URL"),
+        ("http://::1]/postback/keitaro?subid=1&status=lead", "Invalid IPv6 URL"),
+        (
+            "http://bridge\u2100example.com/postback/keitaro?subid=1",
+            "netloc 'bridge\u2100example.com' contains invalid characters under NFKC normalization",
+        ),
+    ],
+)
+def test_explain_a_url_that_cannot_be_read_is_one_line(
+    config_path: Path, capsys: pytest.CaptureFixture[str], url: str, why: str
+) -> None:
+    code, out, err = run_cli(capsys, "explain", "-c", str(config_path), url)
+
+    assert (code, out) == (1, "")
+    assert "Traceback" not in err
+    assert err == f"postback-bridge: explain: cannot read the URL: {why}\n"
+
+
 async def test_explain_reads_the_click_from_the_database(
     bridge: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
