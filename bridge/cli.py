@@ -11,6 +11,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -35,8 +36,20 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(resolve_config_path(args.config))
 
 
+def _database(config: Config) -> Path | None:
+    """storage.path if something is there, else None; something that is not a file is refused, as
+    SQLite would only call it a disk I/O error (and a read-only open of a FIFO would wait forever)."""
+    path = config.db_path
+    if not path.exists():
+        return None
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "a special file (a FIFO, socket or device)"
+        raise CommandError(f"storage.path {path} is {kind}, not a database file")
+    return path
+
+
 async def _open_store(config: Config) -> Store:
-    if not config.db_path.exists():
+    if _database(config) is None:
         raise CommandError(f"no database at {config.db_path} yet (storage.path); has the daemon run?")
     try:
         return await Store(config.db_path).open(upgrade=False)
@@ -203,9 +216,10 @@ _T = TypeVar("_T")
 
 def _read_only(config: Config, read: Callable[[sqlite3.Connection], _T]) -> _T | None:
     """`read(db)` on the database opened read-only (explain writes nothing); None without one."""
-    if not config.db_path.exists():
+    path = _database(config)
+    if path is None:
         return None
-    db = sqlite3.connect(f"file:{config.db_path}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
         return read(db)
