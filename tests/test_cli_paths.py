@@ -1,5 +1,5 @@
-"""Where the commands look for the database the config names; a path that is not a database file is
-one line, never a traceback."""
+"""Where the commands look: the config file (`-c`, else $POSTBACK_BRIDGE_CONFIG, else config/bridge.yaml
+in the current directory) and the database it names; a wrong path is one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -13,12 +13,144 @@ import pytest
 from bridge.cli import main
 from tests.conftest import REPO, base_settings, write_config
 
+ENV = "POSTBACK_BRIDGE_CONFIG"
+
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     capsys.readouterr()
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def checked(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """The config file `check-config` read (it names it first on its OK line)."""
+    code, out, err = run_cli(capsys, "check-config", *argv)
+    assert code == 0, err
+    return out.split(": OK, ")[0]
+
+
+@pytest.fixture
+def three(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A valid config for each way of naming one, the default one in the current directory; no
+    $POSTBACK_BRIDGE_CONFIG yet."""
+    monkeypatch.delenv(ENV, raising=False)
+    work = tmp_path / "work"
+    monkeypatch.chdir(write_config(work / "config", base_settings()).parent.parent)
+    return {
+        "option": write_config(tmp_path / "option", base_settings()),
+        "environment": write_config(tmp_path / "environment", base_settings()),
+        "default": Path("config/bridge.yaml"),
+    }
+
+
+# -- which config file --------------------------------------------------------------------------------
+
+
+def test_the_config_option_names_the_file(three: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert checked(capsys, "-c", str(three["option"])) == str(three["option"])
+    assert checked(capsys, "--config", str(three["option"])) == str(three["option"])
+
+
+def test_without_the_option_the_environment_variable_names_the_file(
+    three: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(ENV, str(three["environment"]))
+    assert checked(capsys) == str(three["environment"])
+
+
+def test_without_either_config_bridge_yaml_in_the_current_directory_is_read(
+    three: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert checked(capsys) == "config/bridge.yaml"
+
+
+def test_the_option_wins_over_the_environment_variable_which_wins_over_the_default(
+    three: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(ENV, str(three["environment"]))
+    assert checked(capsys, "-c", str(three["option"])) == str(three["option"])
+    assert checked(capsys) == str(three["environment"])
+    monkeypatch.delenv(ENV)
+    assert checked(capsys) == "config/bridge.yaml"
+
+
+def test_a_missing_file_named_by_the_option_is_not_replaced_by_the_others(
+    three: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A typo in -c must fail, not quietly run on the environment's or the default file.
+    monkeypatch.setenv(ENV, str(three["environment"]))
+    missing = three["option"].parent / "typo.yaml"
+
+    code, out, err = run_cli(capsys, "check-config", "-c", str(missing))
+
+    assert (code, out) == (2, "")
+    assert err == f"config error: {missing}: cannot read: No such file or directory\n"
+
+
+def test_a_missing_file_named_by_the_environment_variable_is_not_replaced_by_the_default(
+    three: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = three["environment"].parent / "typo.yaml"
+    monkeypatch.setenv(ENV, str(missing))
+
+    code, _, err = run_cli(capsys, "check-config")
+
+    assert code == 2
+    assert err == f"config error: {missing}: cannot read: No such file or directory\n"
+
+
+def test_an_empty_environment_variable_counts_as_unset(
+    three: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(ENV, "")
+    assert checked(capsys) == "config/bridge.yaml"
+
+
+def test_the_default_is_looked_for_in_the_current_directory_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    code, out, err = run_cli(capsys, "check-config")
+
+    assert (code, out) == (2, "")
+    assert err == "config error: config/bridge.yaml: cannot read: No such file or directory\n"
+
+
+def test_every_command_reads_the_file_the_environment_variable_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not only check-config: each names the database of the config it read, this one's.
+    settings = base_settings()
+    settings["storage"]["path"] = "from-the-environment.db"
+    path = write_config(tmp_path, settings)
+    monkeypatch.setenv(ENV, str(path))
+    monkeypatch.chdir(tmp_path)
+
+    for command in (["stats"], ["failed", "list"], ["prune"]):
+        code, _, err = run_cli(capsys, *command)
+        assert (code, err) == (
+            1,
+            f"postback-bridge: no database at {tmp_path}/from-the-environment.db yet "
+            "(storage.path); has the daemon run?\n",
+        ), command
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_config_path_that_is_a_directory_is_one_line(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(ENV, raising=False)
+    if how == "environment":
+        monkeypatch.setenv(ENV, str(tmp_path))
+    argv = ["stats", "-c", str(tmp_path)] if how == "option" else ["stats"]
+
+    code, out, err = run_cli(capsys, *argv)
+
+    assert (code, out) == (2, "")
+    assert err == f"config error: {tmp_path}: cannot read: Is a directory\n"
 
 
 # -- the database the config names --------------------------------------------------------------------
