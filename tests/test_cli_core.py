@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -342,6 +343,51 @@ async def test_explain_knows_a_duplicate_and_a_rebill_from_the_database(
     assert "note" not in rebill
     _, sent = await bridge.postback("keitaro", subid="rb1", status="sale", tid="T-2", external_id="E.C.P.rb")
     assert sent["event_id"] == rebill["event"]["event_id"]
+
+
+async def test_explain_writes_nothing_to_the_database_and_sends_nothing(
+    bridge: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await bridge.click(click_id="still1", ttclid="E.C.P.still", pixel=SECOND_CODE)
+    _, recorded = await bridge.postback("keitaro", subid="still1", status="lead")
+    db_path = bridge.config.db_path
+    # data_version changes for this connection when any other one commits, however little.
+    watcher = sqlite3.connect(db_path)
+
+    def snapshot() -> tuple[Any, ...]:
+        files = sorted(p.name for p in db_path.parent.iterdir() if p.name.startswith(db_path.name))
+        return (
+            watcher.execute("PRAGMA data_version").fetchone()[0],
+            watcher.execute("SELECT * FROM clicks ORDER BY click_id").fetchall(),
+            watcher.execute("SELECT * FROM conversions ORDER BY id").fetchall(),
+            files,
+            # The -shm index is shared memory that readers mark as they read: not the data.
+            {name: (db_path.parent / name).read_bytes() for name in files if not name.endswith("-shm")},
+        )
+
+    async def explained(query: str) -> dict[str, Any]:
+        capsys.readouterr()
+        code, out, _ = await asyncio.to_thread(
+            run_cli, capsys, "explain", "-c", str(bridge.config.path), f"/postback/keitaro?{query}"
+        )
+        assert code == 0, out
+        return json.loads(out)
+
+    try:
+        before = snapshot()
+        assert len(before[1]) == 1 and len(before[2]) == 1
+        # The stored click's new event, and a repeat of the recorded one: both read the database.
+        sale = await explained("subid=still1&status=sale&tid=T-1&revenue=9")
+        repeat = await explained("subid=still1&status=lead")
+        after = snapshot()
+    finally:
+        watcher.close()
+
+    assert (sale["result"], sale["click_found"], sale["pixel"]) == ("accepted", True, "second")
+    assert (repeat["result"], repeat["conversion_id"]) == ("duplicate", recorded["conversion_id"])
+    assert repeat["recorded"] == {"state": "pending", "attempts": 0}
+    assert after == before
+    assert bridge.fake.requests == []
 
 
 def test_output_into_a_reader_that_has_gone_ends_quietly() -> None:
