@@ -27,7 +27,7 @@ from bridge.metrics import share_between_processes
 from bridge.runtime import Runtime, event_loop_runner
 from bridge.sdnotify import Notifier
 from bridge.store import Store, StoreUnavailable
-from bridge.web import create_app
+from bridge.web import PARSER_LIMITS, create_app
 from bridge.worker import Worker
 
 log = get_logger("bridge.daemon")
@@ -88,7 +88,9 @@ class Daemon:
         app = create_app(runtime)
         # In-flight requests get a few seconds on SIGTERM: well inside the unit's TimeoutStopSec=30,
         # together with the worker's own grace for sends in flight.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=10.0, **PARSER_LIMITS
+        )
         await runner.setup()
         sites: list[web.BaseSite] = []
         listeners: ListenerProcesses | None = None

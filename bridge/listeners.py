@@ -182,13 +182,15 @@ def from_listener_process(request: web.Request) -> bool:
 
 
 async def _serve(config_path: Path, socket_fd: int, daemon_pipe: int) -> None:
-    from bridge.web import create_app  # here: bridge.web imports this module
+    from bridge.web import PARSER_LIMITS, create_app  # here: bridge.web imports this module
 
     config = load_config(config_path)
     store = await Store(config.db_path, shared=True).open()
     main = MainProcess(os.environ[MAIN_SOCKET_ENV])
     runtime = Runtime(config=config, store=store, main_process=main)
-    runner = web.AppRunner(create_app(runtime), access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    runner = web.AppRunner(
+        create_app(runtime), access_log=None, handle_signals=False, shutdown_timeout=10.0, **PARSER_LIMITS
+    )
     await runner.setup()
     site = web.SockSite(runner, socket.socket(fileno=socket_fd))
     stop = asyncio.Event()

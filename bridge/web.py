@@ -29,7 +29,14 @@ from bridge.store import StoreUnavailable
 
 RUNTIME = web.AppKey("runtime", Runtime)
 MAX_BODY = 64 * 1024
+MAX_URL = 8 * 1024  # the request target, path and query
+MAX_HEADER = 8 * 1024  # one header line, name and value
 MAX_PARAMS = 100
+# For aiohttp's parser, through the runner: web.AppRunner(app, **PARSER_LIMITS). The parser refuses a
+# longer URL or header line itself, with a plain-text 400 that quotes the request line; set above the
+# bridge's own limits, it lets a merely oversized URL or header through to the handlers, which refuse it
+# with a 413 in JSON, as they do an oversized body. Past these, the parser's 400 still stands.
+PARSER_LIMITS = {"max_line_size": 4 * MAX_URL, "max_field_size": 4 * MAX_HEADER}
 
 log = get_logger("bridge.web")
 
@@ -184,6 +191,19 @@ def _scalar(name: Any, value: Any) -> str:
     raise BadParameter(str(name)[:64], "must be a string or a number")
 
 
+def _too_large(request: web.Request) -> str | None:
+    """Why the request's URL or headers are past the bridge's limits, if they are: the 413 message.
+
+    Names neither the URL nor a header's value, which may carry the postback key.
+    """
+    if len(request.raw_path) > MAX_URL:  # characters, which a valid URL (ASCII) has as many as bytes
+        return f"request URL longer than {MAX_URL} bytes"
+    for name, value in request.raw_headers:
+        if len(name) + len(value) > MAX_HEADER:
+            return f"request header {name[:64].decode('ascii', 'replace')} longer than {MAX_HEADER} bytes"
+    return None
+
+
 def _key_ok(tracker: TrackerConfig, given: str | None) -> bool:
     if not tracker.key:
         return True
@@ -194,6 +214,8 @@ def _key_ok(tracker: TrackerConfig, given: str | None) -> bool:
 
 
 async def postback(request: web.Request) -> web.Response:
+    if (too_large := _too_large(request)) is not None:
+        return _json(413, {"error": too_large})
     runtime = request.app[RUNTIME]
     config = runtime.config
     metrics = runtime.metrics
@@ -318,6 +340,9 @@ async def click(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     settings = runtime.config.settings
     metrics = runtime.metrics
+    if (too_large := _too_large(request)) is not None:  # with the CORS headers, so the page can read it
+        metrics.inc(metrics.clicks, "rejected")
+        return _json(413, {"error": too_large}, CORS_HEADERS)
     ip = client_ip(request, settings.server.trusted_proxies)
     if not request.app[CLICK_LIMITER].allow(ip or "", settings.server.click_limit_per_minute, time.time()):
         metrics.inc(metrics.clicks, "rate_limited")
@@ -450,8 +475,8 @@ def _guarded(handler: Handler) -> Handler:
 
 
 class _MalformedRequests(logging.Filter):
-    """aiohttp logs a request it cannot parse (raw bytes in the URL, a header past 8 KiB, TLS on the
-    plain port, a body that does not decompress) as an error with a traceback, and its message quotes
+    """aiohttp logs a request it cannot parse (raw bytes in the URL, a line past PARSER_LIMITS, TLS on
+    the plain port, a body that does not decompress) as an error with a traceback, and its message quotes
     the request line, postback key and all. The sender is at fault, not the bridge: one warning line,
     without either."""
 

@@ -23,7 +23,7 @@ from bridge import logs
 from bridge.config import Config, load_config
 from bridge.runtime import Runtime
 from bridge.store import Store
-from bridge.web import create_app
+from bridge.web import PARSER_LIMITS, create_app
 from bridge.worker import Worker
 from tests.fake_tiktok import PATH, FakeTikTok
 
@@ -217,7 +217,9 @@ async def make_bridge(tmp_path: Path, fake: FakeTikTok) -> AsyncIterator[BridgeF
         clock = Clock()
         worker = Worker(runtime, session, clock=clock, rand=lambda: 0.5)
         runtime.worker_running = True
-        client = TestClient(TestServer(create_app(runtime), host="127.0.0.1"))
+        server = TestServer(create_app(runtime), host="127.0.0.1")
+        await server.start_server(**PARSER_LIMITS)  # as the daemon's runner: TestServer() drops them
+        client = TestClient(server)
         await client.start_server()
         opened.append((store, client, session))
         return Bridge(config, store, runtime, worker, client, fake, clock)

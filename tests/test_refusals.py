@@ -557,15 +557,6 @@ async def test_body_with_broken_compression_is_400(bridge: Bridge) -> None:
     assert await nothing_kept(bridge)
 
 
-async def test_query_past_the_request_line_limit_is_400(bridge: Bridge) -> None:
-    answer = await bridge.send_raw(
-        b"GET /postback/keitaro?subid=" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-    )
-
-    assert answer.split(b" ", 2)[1] == b"400"
-    assert await nothing_kept(bridge)
-
-
 # -- clicks -------------------------------------------------------------------------------------------
 
 
