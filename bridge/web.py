@@ -15,8 +15,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
 
 from bridge.config import Network, TrackerConfig
 from bridge.listeners import from_listener_process
@@ -112,6 +112,8 @@ async def read_params(request: web.Request) -> dict[str, str]:
 
 
 async def _body_params(request: web.Request) -> list[tuple[str, str]]:
+    if request.content_type == "multipart/form-data":
+        return await _multipart_params(request)
     try:
         raw = await request.read()  # raises 413 past client_max_size
     except (web.RequestPayloadError, HttpProcessingError):
@@ -141,9 +143,60 @@ async def _body_params(request: web.Request) -> list[tuple[str, str]]:
         return pairs
     if ctype in ("application/x-www-form-urlencoded", "text/plain", "application/octet-stream", ""):
         return decode_pairs(text, "body")
-    if ctype == "multipart/form-data":
-        raise BadParameter("body", "multipart bodies are not accepted; send a query string, form or JSON")
     raise BadParameter("body", f"unsupported content type {ctype[:64]!r}")
+
+
+_IDENTITY_ENCODINGS = ("binary", "8bit", "7bit")
+
+
+async def _multipart_params(request: web.Request) -> list[tuple[str, str]]:
+    """The text fields of a multipart/form-data body, by aiohttp's multipart reader; a file is a 400.
+
+    The reader streams rather than reading the body whole, so MAX_BODY is held here as aiohttp's own
+    Request.post() holds it: on the bytes received so far (decompressed), at every part and chunk.
+    """
+    if (request.content_length or 0) > MAX_BODY:
+        raise web.HTTPRequestEntityTooLarge(MAX_BODY, request.content_length or 0)
+    received = request.content
+
+    def check_size() -> None:
+        if received.total_bytes > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(MAX_BODY, received.total_bytes)
+
+    fields: list[tuple[str, str]] = []
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            check_size()
+            if not isinstance(part, BodyPartReader):
+                raise BadParameter("body", "a nested multipart part is not accepted")
+            if part.name is None:
+                raise BadParameter("body", "a multipart part without a name")
+            if not _encodable(part.name):  # header bytes that are not UTF-8 come as surrogates
+                raise BadParameter("body", "a parameter name is not valid UTF-8")
+            if part.filename is not None:
+                raise BadParameter(part.name[:64], "a file; only form fields are accepted")
+            # RFC 7578 forbids a transfer encoding in HTTP, and no browser or HTTP library sends one.
+            if part.headers.get("Content-Transfer-Encoding", "binary").lower() not in _IDENTITY_ENCODINGS:
+                raise BadParameter(part.name[:64], "a Content-Transfer-Encoding is not accepted")
+            if len(fields) == MAX_PARAMS:
+                raise BadParameter("body", f"more than {MAX_PARAMS} parameters")
+            value = bytearray()
+            while chunk := await part.read_chunk():
+                check_size()
+                value.extend(chunk)
+            try:  # strict UTF-8, as in a form body or the query, whatever charset the part declares
+                fields.append((part.name, value.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise BadParameter(part.name[:64], "not valid UTF-8") from None
+        check_size()  # the closing boundary and what follows it
+    except BadParameter:
+        raise
+    except (web.RequestPayloadError, PayloadEncodingError):
+        raise BadParameter("body", "cannot be read (malformed chunked encoding or compression)") from None
+    except (ValueError, RuntimeError, HttpProcessingError):  # no boundary, broken framing or part headers
+        raise BadParameter("body", "not valid multipart/form-data") from None
+    return fields
 
 
 def decode_pairs(text: str, where: str) -> list[tuple[str, str]]:

@@ -219,6 +219,29 @@ bodies = st.one_of(
     st.just(b"subid=x&pad=" + b"x" * 70_000),
     st.just(gzip.compress(b"subid=x&pad=" + b"0" * 300_000)),
 )
+
+
+@st.composite
+def multipart_bodies(draw: st.DrawFn) -> bytes:
+    """Generated fields (and, before or after them, plausible ones) as multipart/form-data, boundary `x`."""
+    fields = draw(st.lists(st.tuples(names, values), max_size=14))
+    plausible = [tuple(pair.split("=", 1)) for pair in draw(PLAUSIBLE).split("&")]
+    fields = draw(st.sampled_from([fields, plausible + fields, fields + plausible]))
+    parts = []
+    for name, value in fields:
+        quoted = name.encode("utf-8", "surrogatepass").translate(None, b'"\r\n')
+        if draw(st.integers(0, 9)) == 0:  # now and then a file, which is refused
+            quoted += b'"; filename="' + quoted
+        parts.append(
+            b'--x\r\nContent-Disposition: form-data; name="'
+            + quoted
+            + b'"\r\n\r\n'
+            + value.encode("utf-8", "surrogatepass")
+            + b"\r\n"
+        )
+    return b"".join(parts) + b"--x--\r\n"
+
+
 header_text = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
 
 
@@ -253,7 +276,10 @@ def requests(draw: st.DrawFn) -> Request:
             st.sampled_from(["203.0.113.9", "::1", "junk", "1.2.3.4, 5.6.7.8", ""])
         )
     body = draw(bodies) if method in ("POST", "PUT", "PATCH") else None
-    if body is not None:
+    if method == "POST" and draw(st.integers(0, 5)) == 0:
+        body = draw(multipart_bodies())
+        headers["Content-Type"] = "multipart/form-data; boundary=x"
+    elif body is not None:
         content_type = draw(st.sampled_from(CONTENT_TYPES))
         if content_type is not None:
             headers["Content-Type"] = content_type
