@@ -33,8 +33,8 @@ class Gauges:
     FAMILIES = (
         ("bridge_conversions", "Conversions in the database, by state.", "state"),
         # Pending events are counted for the pixel the worker will send them to, as it routes them (the
-        # click's pixel, else the conversion's, else default_pixel); "(unknown)" for a pixel the config
-        # does not have.
+        # click's pixel, else the conversion's, else default_pixel); a pixel the config no longer has
+        # keeps the name or code the events were given, as long as they wait for it.
         ("bridge_queue_depth", "Pending events, by pixel.", "pixel"),
         ("bridge_oldest_pending_seconds", "Age of the oldest pending event, by pixel.", "pixel"),
         (
