@@ -524,6 +524,9 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         pass  # unusable, or its variable is unset: any directory read instead would be the wrong one
     elif not (directory := _relative_to(path, trackers_dir)).is_dir():
         problems.append(f"{path}: trackers_dir: {directory} is not a directory")
+    elif (unlistable := _unlistable(directory)) is not None:
+        # Path.glob would find no file in it without a word, and every postback URL would answer 404.
+        problems.append(f"{path}: trackers_dir: cannot list {directory}: {unlistable}")
     else:
         trackers = _read_trackers(directory, settings, environ, problems, blamed, warnings)
     if problems or settings is None:
@@ -547,6 +550,15 @@ def _trackers_dir_of(raw: Mapping[str, Any]) -> str | None:
         return _TrackersDirOnly.model_validate(raw).trackers_dir
     except ValidationError:
         return None  # named already among the main file's problems
+
+
+def _unlistable(directory: Path) -> str | None:
+    """Why the files of `directory` cannot be listed, if they cannot (no permission to read it)."""
+    try:
+        os.listdir(directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _read_trackers(

@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -169,6 +170,16 @@ class Bridge:
     async def states(self) -> dict[str, int]:
         rows = await self.store.fetchall("SELECT state, COUNT(*) AS n FROM conversions GROUP BY state")
         return {row["state"]: row["n"] for row in rows}
+
+
+@pytest.fixture
+def service_dir() -> Iterator[Path]:
+    """A directory other users may enter, as /etc/postback-bridge is. pytest's own are 700, which
+    check-config run as root warns about: the service's user could not reach the files in them."""
+    directory = Path(tempfile.mkdtemp(prefix="postback-bridge-test-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -390,10 +391,12 @@ async def test_explain_writes_nothing_to_the_database_and_sends_nothing(
     assert bridge.fake.requests == []
 
 
-def test_output_into_a_reader_that_has_gone_ends_quietly() -> None:
+def test_output_into_a_reader_that_has_gone_ends_quietly(service_dir: Path) -> None:
     # `postback-bridge stats | head -1`: head exits before the command has written everything.
+    # The shipped config, copied where check-config run as root has no directory to warn about.
+    shutil.copytree(REPO / "config", service_dir / "config")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "check-config", "-c", str(REPO / "config" / "bridge.yaml")],
+        [sys.executable, "-m", "bridge", "check-config", "-c", str(service_dir / "config" / "bridge.yaml")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 import yaml
 
 from bridge.cli import main
-from bridge.config import load_config
+from bridge.config import ConfigError, load_config
 from bridge.mapping import build_conversion
 from tests.conftest import MAIN_CODE, REPO, base_settings, write_config
 
@@ -436,16 +434,6 @@ def test_tracker_unset_environment_variable_names_the_key(
     assert problem.startswith(f"{file}: key: environment variable BRIDGE_TEST_UNSET_KEY is not set")
 
 
-@pytest.fixture
-def service_dir() -> Iterator[Path]:
-    """A directory other users may enter, as /etc/postback-bridge is. pytest's own are 700, which
-    check-config run as root warns about: the service's user could not reach the files in them."""
-    directory = Path(tempfile.mkdtemp(prefix="postback-bridge-test-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory)
-
-
 def warnings_of(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
     code = main(["check-config", "-c", str(path)])
     err = capsys.readouterr().err
@@ -787,3 +775,43 @@ def test_run_with_an_unusable_storage_path_is_one_line_and_exit_1(tmp_path: Path
     last = result.stderr.splitlines()[-1]
     assert last.startswith("postback-bridge: storage.path: cannot ")
     assert str(database) in last
+
+
+def problems_as_nobody(path: Path) -> list[str]:
+    """load_config's problems as the unprivileged user `nobody` sees them, from a forked child that
+    gives up root first (its Python need not be runnable by that user: it is already loaded)."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only os._exit leaves it, whatever happens
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            try:
+                load_config(path)
+                problems = []
+            except ConfigError as exc:
+                problems = exc.problems
+            os.write(write_end, json.dumps(problems).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        text = answer.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can become another user to check its access")
+def test_a_tracker_directory_the_service_user_cannot_list_is_a_config_problem(service_dir: Path) -> None:
+    path = write(service_dir, base_settings(), {"net": tracker(name="net")})
+    (service_dir / "trackers").chmod(0o711)  # enterable, not listable: as under `umask 066`
+
+    # What the service's user would see. Listed, the directory seemed empty: no tracker, every URL a 404.
+    assert problems_as_nobody(path) == [
+        f"{path}: trackers_dir: cannot list {service_dir / 'trackers'}: Permission denied"
+    ]

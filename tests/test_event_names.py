@@ -34,19 +34,19 @@ STANDARD = [
 LEGACY = ["CompletePayment", "SubmitForm", "PlaceAnOrder", "ClickButton"]
 
 
-def check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], events: dict[str, str]) -> str:
+def check_config(directory: Path, capsys: pytest.CaptureFixture[str], events: dict[str, str]) -> str:
     tracker = {"name": "net", "params": {"click_id": "cid", "status": "st"}, "events": events}
-    path = write_config(tmp_path, base_settings(), {"net": tracker}, shipped=False)
+    path = write_config(directory, base_settings(), {"net": tracker}, shipped=False)
     assert main(["check-config", "-c", str(path)]) == 0
     return capsys.readouterr().err
 
 
 def test_every_standard_and_legacy_event_name_passes_without_a_warning(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    service_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     events = {f"s{i}": name for i, name in enumerate(STANDARD + LEGACY)}
 
-    assert "warning" not in check_config(tmp_path, capsys, events)
+    assert "warning" not in check_config(service_dir, capsys, events)
 
 
 @pytest.mark.parametrize("name", ["Purchse", "purchase", "Registration"])
