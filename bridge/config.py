@@ -333,6 +333,9 @@ def _relative_to(config_path: Path, value: str) -> Path:
 
 
 def resolve_config_path(arg: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    if arg == "":
+        # `-c "$CONFIG"` with CONFIG unset: falling back to another file would hide the slip.
+        raise ConfigError(["-c/--config: an empty path"])
     environ = os.environ if environ is None else environ
     return Path(arg or environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 

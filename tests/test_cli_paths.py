@@ -100,6 +100,18 @@ def test_a_missing_file_named_by_the_environment_variable_is_not_replaced_by_the
     assert err == f"config error: {missing}: cannot read: No such file or directory\n"
 
 
+def test_an_empty_config_option_is_an_error_not_the_next_file(
+    three: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `-c "$CONFIG"` with CONFIG unset in the shell.
+    monkeypatch.setenv(ENV, str(three["environment"]))
+
+    code, out, err = run_cli(capsys, "check-config", "-c", "")
+
+    assert (code, out) == (2, "")
+    assert err == "config error: -c/--config: an empty path\n"
+
+
 def test_an_empty_environment_variable_counts_as_unset(
     three: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
