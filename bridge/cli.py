@@ -215,7 +215,8 @@ _T = TypeVar("_T")
 
 
 def _read_only(config: Config, read: Callable[[sqlite3.Connection], _T]) -> _T | None:
-    """`read(db)` on the database opened read-only (explain writes nothing); None without one."""
+    """`read(db)` on the database opened read-only (explain writes nothing); None without one. One that
+    cannot be read is an error, not taken for none: explain would say a repeat is new."""
     path = _database(config)
     if path is None:
         return None
@@ -223,8 +224,8 @@ def _read_only(config: Config, read: Callable[[sqlite3.Connection], _T]) -> _T |
     db.row_factory = sqlite3.Row
     try:
         return read(db)
-    except sqlite3.Error:
-        return None
+    except sqlite3.Error as exc:
+        raise CommandError(f"cannot open the database {path}: {exc}") from None
     finally:
         db.close()
 

@@ -216,7 +216,7 @@ def test_a_database_path_that_is_a_fifo_is_one_line_not_a_wait(command: list[str
     )
 
 
-@pytest.mark.parametrize("command", DATABASE_COMMANDS[:-1], ids=" ".join)
+@pytest.mark.parametrize("command", DATABASE_COMMANDS, ids=" ".join)
 def test_a_database_path_that_is_not_a_sqlite_file_is_one_line_naming_it(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
