@@ -5,12 +5,15 @@ from __future__ import annotations
 import gzip
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import Bridge, BridgeFactory
+from tests.conftest import Bridge, BridgeFactory, base_settings, write_config
+from tests.daemon_proc import DaemonProcess, free_port
+from tests.fake_tiktok import FakeTikTok
 
 # A tracker that sends the conversion's own time, so that two postbacks of it make the same event.
 SHOP = {
@@ -196,3 +199,33 @@ async def test_a_click_posted_as_multipart_is_registered(bridge: Bridge) -> None
     assert resp.headers["Access-Control-Allow-Origin"] == "*"
     [row] = await bridge.store.fetchall("SELECT click_id, ttclid FROM clicks")
     assert tuple(row) == ("clk-mp", "E.C.P.mp")
+
+
+async def test_malformed_part_headers_leave_the_daemons_log_json_and_nothing_of_theirs(
+    tmp_path: Path, fake: FakeTikTok
+) -> None:
+    # aiohttp warns of each malformed Content-Disposition with the sender's header in the message:
+    # printed raw to stderr, and kept for good in the warnings registry, one entry per distinct text.
+    port = free_port()
+    settings = base_settings(fake.url)
+    settings["server"]["port"] = port
+    daemon = DaemonProcess(write_config(tmp_path, settings), port)
+    daemon.start()
+    try:
+        await daemon.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            for n in range(20):
+                disposition = f'form-data; name="a"; name="sender-text-{n}"'
+                body = f"--x\r\nContent-Disposition: {disposition}\r\n\r\nv\r\n--x--\r\n"
+                async with session.post(
+                    f"{daemon.url}/click",
+                    data=body.encode(),
+                    headers={"Content-Type": "multipart/form-data; boundary=x"},
+                ) as resp:
+                    assert resp.status == 400
+    finally:
+        daemon.stop()
+
+    text = daemon.logs_text()
+    assert "sender-text" not in text
+    assert len(daemon.log_lines()) == len(text.splitlines())  # every line a JSON line
