@@ -35,6 +35,7 @@ MAX_BODY = 64 * 1024
 MAX_URL = 8 * 1024  # the request target, path and query
 MAX_HEADER = 8 * 1024  # one header line, name and value
 MAX_PARAMS = 100
+BODY_TOO_LARGE = f"request body larger than {MAX_BODY} bytes"
 # For aiohttp's parser, through the runner: web.AppRunner(app, **PARSER_LIMITS). The parser refuses a
 # longer URL or header line itself, with a plain-text 400 that quotes the request line; set above the
 # bridge's own limits, it lets a merely oversized URL or header through to the handlers, which refuse it
@@ -258,14 +259,24 @@ def _key_ok(tracker: TrackerConfig, given: str | None) -> bool:
     return hmac.compare_digest(given_digest, hashlib.sha256(tracker.key.encode()).digest())
 
 
+def _postback_too_large(runtime: Runtime, name: str, known: bool, why: str) -> web.Response:
+    """A 413, counted and logged like any refused postback: a tracker whose URLs outgrow the limit
+    (a long user agent and page URL) shows in the metrics and the journal, not only in its own logs."""
+    label = name if known else "(unknown)"
+    runtime.metrics.inc(runtime.metrics.postbacks, label, "rejected")
+    if runtime.lines.allow("postback rejected", label):
+        log.info("postback rejected", tracker=name[:64], why=why)
+    return _json(413, {"error": why})
+
+
 async def postback(request: web.Request) -> web.Response:
-    if (too_large := _too_large(request)) is not None:
-        return _json(413, {"error": too_large})
     runtime = request.app[RUNTIME]
     config = runtime.config
     metrics = runtime.metrics
     name = request.match_info["tracker"]
     tracker = config.trackers.get(name)
+    if (too_large := _too_large(request)) is not None:
+        return _postback_too_large(runtime, name, tracker is not None, too_large)
     if tracker is None:
         # Tracker names come from the URL: counted under one label, never as a label of their own.
         metrics.inc(metrics.postbacks, "(unknown)", "unknown_tracker")
@@ -285,6 +296,8 @@ async def postback(request: web.Request) -> web.Response:
         params = await read_params(request)
     except BadParameter as exc:
         params, unreadable = {}, exc
+    except web.HTTPRequestEntityTooLarge:
+        return _postback_too_large(runtime, name, True, BODY_TOO_LARGE)
     # The key is checked before anything else is judged: a sender without it learns only 403. From
     # a request that cannot be read whole, the key is taken from the query if it is there.
     given = request.query.get("key") if unreadable is not None else params.get("key")
@@ -411,7 +424,7 @@ async def click(request: web.Request) -> web.Response:
         return _json(400, {"error": str(exc)}, CORS_HEADERS)
     except web.HTTPRequestEntityTooLarge:  # with the CORS headers, so the page's script can read it
         metrics.inc(metrics.clicks, "rejected")
-        return _json(413, {"error": f"request body larger than {MAX_BODY} bytes"}, CORS_HEADERS)
+        return _json(413, {"error": BODY_TOO_LARGE}, CORS_HEADERS)
     try:
         await runtime.store.add_click(registration)
     except StoreUnavailable as exc:
@@ -509,7 +522,7 @@ def _guarded(handler: Handler) -> Handler:
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status == 413:
-                return _json(413, {"error": f"request body larger than {MAX_BODY} bytes"})
+                return _json(413, {"error": BODY_TOO_LARGE})
             raise
         except BadParameter as exc:
             return _json(400, {"error": str(exc)})

@@ -19,6 +19,7 @@ import structlog
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import logs
 from bridge.config import Config, load_config
@@ -170,6 +171,22 @@ class Bridge:
     async def states(self) -> dict[str, int]:
         rows = await self.store.fetchall("SELECT state, COUNT(*) AS n FROM conversions GROUP BY state")
         return {row["state"]: row["n"] for row in rows}
+
+
+async def scrape(bridge: Bridge, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics, by name and labels."""
+    resp = await bridge.client.get("/metrics", headers=headers or {})
+    assert resp.status == 200, await resp.text()
+    samples = {}
+    for family in text_string_to_metric_families(await resp.text()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """A sample's value; a series that is not there counts as 0, as Prometheus' increase() treats it."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture

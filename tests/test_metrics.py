@@ -7,25 +7,9 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SECOND_CODE, Bridge, BridgeFactory
+from tests.conftest import SECOND_CODE, Bridge, BridgeFactory, scrape, value
 from tests.daemon_proc import free_port
-
-
-async def scrape(bridge: Bridge, headers: dict[str, str] | None = None) -> dict[tuple[str, frozenset], float]:
-    resp = await bridge.client.get("/metrics", headers=headers or {})
-    assert resp.status == 200, await resp.text()
-    samples = {}
-    for family in text_string_to_metric_families(await resp.text()):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
-    """A sample's value; a series that is not there counts as 0, as Prometheus' increase() treats it."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def sale(click_id: str, **extra: Any) -> dict[str, Any]:

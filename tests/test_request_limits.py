@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import Bridge, BridgeFactory, base_settings, write_config
+from tests.conftest import Bridge, BridgeFactory, base_settings, scrape, value, write_config
 from tests.daemon_proc import DaemonProcess, free_port
 from tests.fake_tiktok import FakeTikTok
 
@@ -127,3 +128,33 @@ async def test_the_daemon_answers_an_oversized_url_with_413_too(tmp_path: Path, 
             assert (resp.status, await resp.json()) == (413, {"error": "request URL longer than 8192 bytes"})
     finally:
         daemon.stop()
+
+
+async def test_a_postback_refused_as_too_large_is_counted_and_logged_as_rejected(
+    keyed: Bridge, log_text: io.StringIO
+) -> None:
+    # A tracker whose URLs outgrow the limit must show somewhere an operator looks.
+    before = await scrape(keyed)
+
+    assert (
+        await keyed.client.get("/postback/keitaro", params={"key": KEY, **SALE, "pad": "y" * 9000})
+    ).status == 413
+    big_body = {"key": KEY, **SALE, "pad": "z" * (70 * 1024)}
+    assert (await keyed.client.post("/postback/keitaro", data=big_body)).status == 413
+    assert (await keyed.client.get("/postback/nosuch", params={"pad": "y" * 9000})).status == 413
+
+    after = await scrape(keyed)
+    name = "bridge_postbacks_total"
+
+    def moved(tracker: str) -> float:
+        return value(after, name, tracker=tracker, result="rejected") - value(
+            before, name, tracker=tracker, result="rejected"
+        )
+
+    assert (moved("keitaro"), moved("(unknown)")) == (2, 1)
+    lines = [json.loads(line) for line in log_text.getvalue().splitlines()]
+    assert [(line["tracker"], line["why"]) for line in lines if line["event"] == "postback rejected"] == [
+        ("keitaro", "request URL longer than 8192 bytes"),
+        ("keitaro", "request body larger than 65536 bytes"),
+        ("nosuch", "request URL longer than 8192 bytes"),
+    ]
