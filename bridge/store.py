@@ -242,6 +242,9 @@ class Store:
         the daemon never changes the schema under the daemon still running, nor the backup taken then.
         """
         try:
+            if not upgrade:
+                # Judged read-only, before the connection's settings (WAL) write to the file.
+                await asyncio.to_thread(self._check_version)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Tried with the plain driver first: a failed aiosqlite connect leaves its thread to report
             # to an event loop that may be closed by then, a traceback at exit instead of one line.
@@ -256,7 +259,7 @@ class Store:
                     f"the SQLite library ({sqlite3.sqlite_version}) was built without its JSON functions,"
                     " which the delivery worker needs (SQLite 3.38 and newer always have them)"
                 ) from None
-            await self._migrate(upgrade)
+            await self._migrate()
             ingest = await asyncio.to_thread(self._connect)
             self._write_lock.open()
         except (OSError, sqlite3.Error, StoreUnavailable) as exc:
@@ -303,21 +306,25 @@ class Store:
             raise StoreUnavailable("database is closed")
         return self._db
 
-    async def _migrate(self, upgrade: bool = True) -> None:
+    def _check_version(self) -> None:
+        """The database is at this release's schema version: a command's check (see open)."""
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone():
+                raise StoreUnavailable(f"{self.path} is not a database the daemon has created yet")
+            version = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+        if version < len(MIGRATIONS):
+            raise StoreUnavailable(
+                f"{self.path} has schema version {version} and this release's is {len(MIGRATIONS)}:"
+                " the daemon upgrades it when it starts; restart it, then run this command again"
+            )
+
+    async def _migrate(self) -> None:
         db = self.db
-        if upgrade:
-            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        elif not await self._scalar("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'"):
-            raise StoreUnavailable(f"{self.path} is not a database the daemon has created yet")
+        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         version = await self._scalar("SELECT MAX(version) FROM schema_version") or 0
         if version > len(MIGRATIONS):
             raise StoreUnavailable(
                 f"{self.path} has schema version {version}, newer than this release knows ({len(MIGRATIONS)})"
-            )
-        if version < len(MIGRATIONS) and not upgrade:
-            raise StoreUnavailable(
-                f"{self.path} has schema version {version} and this release's is {len(MIGRATIONS)}:"
-                " the daemon upgrades it when it starts; restart it, then run this command again"
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await db.execute("BEGIN IMMEDIATE")
