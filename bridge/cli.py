@@ -25,7 +25,7 @@ from bridge.mapping import BadParameter, build_conversion, check_pixel, ignored_
 from bridge.retry import FIX_UNCONFIGURED
 from bridge.store import Recorded, Store, StoreUnavailable, rebill_event_id, repeat_of
 from bridge.tiktok import TikTokClient, build_payload
-from bridge.web import decode_pairs
+from bridge.web import MAX_URL, URL_TOO_LARGE, decode_pairs
 
 
 class CommandError(Exception):
@@ -97,6 +97,8 @@ def explain(
         parts = urlsplit(url)
     except ValueError as exc:  # a host no tracker could have sent to: `http://[::1/postback/...`
         raise CommandError(f"explain: cannot read the URL: {exc}") from None
+    if len(parts.path + (f"?{parts.query}" if parts.query else "")) > MAX_URL:  # as the listener measures
+        return {"result": "rejected", "status": 413, "why": URL_TOO_LARGE}
     segments = [s for s in parts.path.split("/") if s]
     if len(segments) != 2 or segments[0] != "postback":
         return {"result": "rejected", "status": 404, "why": "the path must be /postback/{tracker}"}

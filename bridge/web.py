@@ -36,6 +36,7 @@ MAX_URL = 8 * 1024  # the request target, path and query
 MAX_HEADER = 8 * 1024  # one header line, name and value
 MAX_PARAMS = 100
 BODY_TOO_LARGE = f"request body larger than {MAX_BODY} bytes"
+URL_TOO_LARGE = f"request URL longer than {MAX_URL} bytes"
 # For aiohttp's parser, through the runner: web.AppRunner(app, **PARSER_LIMITS). The parser refuses a
 # longer URL or header line itself, with a plain-text 400 that quotes the request line; set above the
 # bridge's own limits, it lets a merely oversized URL or header through to the handlers, which refuse it
@@ -243,7 +244,7 @@ def _too_large(request: web.Request) -> str | None:
     Names neither the URL nor a header's value, which may carry the postback key.
     """
     if len(request.raw_path) > MAX_URL:  # characters, which a valid URL (ASCII) has as many as bytes
-        return f"request URL longer than {MAX_URL} bytes"
+        return URL_TOO_LARGE
     for name, value in request.raw_headers:
         if len(name) + len(value) > MAX_HEADER:
             return f"request header {name[:64].decode('ascii', 'replace')} longer than {MAX_HEADER} bytes"

@@ -208,6 +208,18 @@ def test_explain_says_why_a_postback_is_rejected(
     assert "unsubstituted macro" in result["why"]
 
 
+def test_explain_refuses_a_url_past_the_listeners_limit_as_the_listener_does(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = "/postback/keitaro?subid=abc&external_id=E.C.P.x&status=sale&pad="
+    at_the_limit = target + "x" * (8192 - len(target))
+
+    assert explain(capsys, config_path, f"http://127.0.0.1:8080{at_the_limit}")[1]["result"] == "accepted"
+    code, result = explain(capsys, config_path, f"http://127.0.0.1:8080{at_the_limit}x")
+    assert code == 1
+    assert result == {"result": "rejected", "status": 413, "why": "request URL longer than 8192 bytes"}
+
+
 def test_explain_rejects_a_postback_naming_an_unknown_pixel_as_the_listener_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
