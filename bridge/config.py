@@ -512,9 +512,11 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         # Nothing says where the tracker files are: the default directory may not be the one meant.
         raise ConfigError(problems)
     settings: Settings | None = None
+    invalid: ValidationError | None = None
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
+        invalid = exc
         problems.extend(_unblamed(_validation_problems(path, exc), blamed))
     else:
         problems.extend(_unblamed(_settings_problems(path, settings), blamed))
@@ -522,7 +524,7 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         warnings.extend(_retention_warnings(path, settings))
 
     trackers: dict[str, TrackerConfig] = {}
-    trackers_dir = settings.trackers_dir if settings is not None else _trackers_dir_of(raw)
+    trackers_dir = settings.trackers_dir if settings is not None else _trackers_dir_of(raw, invalid)
     if trackers_dir is None or f"{path}: trackers_dir: " in blamed:
         pass  # unusable, or its variable is unset: any directory read instead would be the wrong one
     elif not (directory := _relative_to(path, trackers_dir)).is_dir():
@@ -548,7 +550,13 @@ class _TrackersDirOnly(_Model):
     trackers_dir: str = Settings.model_fields["trackers_dir"].default
 
 
-def _trackers_dir_of(raw: Mapping[str, Any]) -> str | None:
+def _trackers_dir_of(raw: Mapping[str, Any], invalid: ValidationError | None) -> str | None:
+    """trackers_dir of a main file that is otherwise invalid; None when it cannot be told. Not the
+    default when the file has a key it does not know: that key may be trackers_dir misspelt, or put
+    under another section, and the default directory would not be the one meant."""
+    unknown_keys = invalid is not None and any(e["type"] == "extra_forbidden" for e in invalid.errors())
+    if unknown_keys and "trackers_dir" not in raw:
+        return None
     try:
         return _TrackersDirOnly.model_validate(raw).trackers_dir
     except ValidationError:

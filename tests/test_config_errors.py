@@ -670,6 +670,25 @@ def test_a_main_file_with_problems_still_says_where_its_tracker_files_are(
     ]
 
 
+@pytest.mark.parametrize("where", ["misspelt", "in another section"])
+def test_a_main_file_with_an_unknown_key_reads_no_tracker_file_from_the_default_directory(
+    tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    # The unknown key may be the trackers_dir meant: the default directory holds files it does not use.
+    meant = settings.pop("trackers_dir")
+    if where == "misspelt":
+        settings["tracker_dir"] = meant
+    else:
+        settings["server"]["trackers_dir"] = meant
+    path = write(tmp_path, settings, {"old": tracker(name="Bad Name")})
+
+    code, problems = check_config(path, capsys)
+
+    assert code == 2
+    [problem] = problems
+    assert problem.endswith(": unknown key")
+
+
 def test_a_main_file_that_cannot_be_read_names_no_tracker_file(
     tmp_path: Path, settings: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
