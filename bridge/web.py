@@ -122,6 +122,10 @@ async def _body_params(request: web.Request) -> list[tuple[str, str]]:
     except (web.RequestPayloadError, HttpProcessingError):
         # A broken chunked encoding or compressed body: the sender's fault, not a 500.
         raise BadParameter("body", "cannot be read (malformed chunked encoding or compression)") from None
+    except ConnectionResetError:
+        # The sender hung up halfway through its body: refused like any unreadable body, which no one
+        # reads; not aiohttp's error-level traceback in the journal.
+        raise BadParameter("body", "cut short: the sender closed the connection") from None
     if not raw:
         return []
     ctype = request.content_type

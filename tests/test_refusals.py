@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -16,7 +17,8 @@ from aiohttp import ClientResponse
 from yarl import URL
 
 from bridge.cli import explain
-from tests.conftest import Bridge, BridgeFactory
+from tests.conftest import Bridge, BridgeFactory, base_settings, until, write_config
+from tests.daemon_proc import DaemonProcess, free_port
 
 T = TypeVar("T")
 
@@ -688,3 +690,38 @@ async def test_addresses_of_one_ipv6_64_share_one_click_budget(make_bridge: Brid
 
     assert same_64 == [204, 204, 204, 429, 429]
     assert other == 204
+
+
+async def test_a_sender_that_hangs_up_halfway_through_its_body_is_one_info_line_not_an_error(
+    tmp_path: Path,
+) -> None:
+    # Seen only with the daemon's own runner: aiohttp logged it as an error, with a traceback.
+    port = free_port()
+    settings = base_settings()
+    settings["server"]["port"] = port
+    daemon = DaemonProcess(write_config(tmp_path, settings), port)
+    daemon.start()
+    try:
+        await daemon.wait_ready()
+        form = b"Content-Type: application/x-www-form-urlencoded\r\n"
+        sized = b"Content-Length: 1000\r\n" + form + b"\r\nsubid=x&st"
+        chunked = b"Transfer-Encoding: chunked\r\n" + form + b"\r\n5\r\nsubid\r\n"
+        for framing in (sized, chunked):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /postback/keitaro HTTP/1.1\r\nHost: x\r\n" + framing)
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the listener has begun to read the body
+            writer.close()
+        await until(
+            lambda: sum(line.get("event") == "postback rejected" for line in daemon.log_lines()) == 2,
+            10,
+            "both refusals logged",
+        )
+    finally:
+        daemon.stop()
+
+    lines = daemon.log_lines()
+    assert [line["why"] for line in lines if line.get("event") == "postback rejected"] == [
+        "body: cut short: the sender closed the connection"
+    ] * 2
+    assert [line for line in lines if line["level"] in ("error", "critical")] == []
