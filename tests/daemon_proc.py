@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,21 @@ class DaemonProcess:
                     return entry
             await asyncio.sleep(0.05)
         raise AssertionError(f"no matching log line within {timeout}s:\n{self.logs_text()[-4000:]}")
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(directory: Path, settings: dict[str, Any]) -> AsyncIterator[DaemonProcess]:
+    """The daemon on `settings` (at a free port), with its config written into `directory`, started
+    and answering; killed on the way out, its log still there to read."""
+    from tests.conftest import write_config  # here: the conftest is loaded first, by pytest
+
+    port = free_port()
+    daemon = DaemonProcess(
+        write_config(directory, {**settings, "server": {**settings["server"], "port": port}}), port
+    )
+    daemon.start()
+    try:
+        await daemon.wait_ready()
+        yield daemon
+    finally:
+        daemon.stop()

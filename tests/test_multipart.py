@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Bridge, BridgeFactory, base_settings, write_config
-from tests.daemon_proc import DaemonProcess, free_port
+from tests.conftest import Bridge, BridgeFactory, base_settings
+from tests.daemon_proc import running_daemon
 from tests.fake_tiktok import FakeTikTok
 
 # A tracker that sends the conversion's own time, so that two postbacks of it make the same event.
@@ -206,25 +206,19 @@ async def test_malformed_part_headers_leave_the_daemons_log_json_and_nothing_of_
 ) -> None:
     # aiohttp warns of each malformed Content-Disposition with the sender's header in the message:
     # printed raw to stderr, and kept for good in the warnings registry, one entry per distinct text.
-    port = free_port()
-    settings = base_settings(fake.url)
-    settings["server"]["port"] = port
-    daemon = DaemonProcess(write_config(tmp_path, settings), port)
-    daemon.start()
-    try:
-        await daemon.wait_ready()
-        async with aiohttp.ClientSession() as session:
-            for n in range(20):
-                disposition = f'form-data; name="a"; name="sender-text-{n}"'
-                body = f"--x\r\nContent-Disposition: {disposition}\r\n\r\nv\r\n--x--\r\n"
-                async with session.post(
-                    f"{daemon.url}/click",
-                    data=body.encode(),
-                    headers={"Content-Type": "multipart/form-data; boundary=x"},
-                ) as resp:
-                    assert resp.status == 400
-    finally:
-        daemon.stop()
+    async with (
+        running_daemon(tmp_path, base_settings(fake.url)) as daemon,
+        aiohttp.ClientSession() as session,
+    ):
+        for n in range(20):
+            disposition = f'form-data; name="a"; name="sender-text-{n}"'
+            body = f"--x\r\nContent-Disposition: {disposition}\r\n\r\nv\r\n--x--\r\n"
+            async with session.post(
+                f"{daemon.url}/click",
+                data=body.encode(),
+                headers={"Content-Type": "multipart/form-data; boundary=x"},
+            ) as resp:
+                assert resp.status == 400
 
     text = daemon.logs_text()
     assert "sender-text" not in text

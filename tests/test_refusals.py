@@ -17,8 +17,8 @@ from aiohttp import ClientResponse
 from yarl import URL
 
 from bridge.cli import explain
-from tests.conftest import Bridge, BridgeFactory, base_settings, until, write_config
-from tests.daemon_proc import DaemonProcess, free_port
+from tests.conftest import Bridge, BridgeFactory, base_settings, until
+from tests.daemon_proc import running_daemon
 
 T = TypeVar("T")
 
@@ -696,18 +696,12 @@ async def test_a_sender_that_hangs_up_halfway_through_its_body_is_one_info_line_
     tmp_path: Path,
 ) -> None:
     # Seen only with the daemon's own runner: aiohttp logged it as an error, with a traceback.
-    port = free_port()
-    settings = base_settings()
-    settings["server"]["port"] = port
-    daemon = DaemonProcess(write_config(tmp_path, settings), port)
-    daemon.start()
-    try:
-        await daemon.wait_ready()
-        form = b"Content-Type: application/x-www-form-urlencoded\r\n"
-        sized = b"Content-Length: 1000\r\n" + form + b"\r\nsubid=x&st"
-        chunked = b"Transfer-Encoding: chunked\r\n" + form + b"\r\n5\r\nsubid\r\n"
+    form = b"Content-Type: application/x-www-form-urlencoded\r\n"
+    sized = b"Content-Length: 1000\r\n" + form + b"\r\nsubid=x&st"
+    chunked = b"Transfer-Encoding: chunked\r\n" + form + b"\r\n5\r\nsubid\r\n"
+    async with running_daemon(tmp_path, base_settings()) as daemon:
         for framing in (sized, chunked):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            _, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
             writer.write(b"POST /postback/keitaro HTTP/1.1\r\nHost: x\r\n" + framing)
             await writer.drain()
             await asyncio.sleep(0.2)  # the listener has begun to read the body
@@ -717,8 +711,6 @@ async def test_a_sender_that_hangs_up_halfway_through_its_body_is_one_info_line_
             10,
             "both refusals logged",
         )
-    finally:
-        daemon.stop()
 
     lines = daemon.log_lines()
     assert [line["why"] for line in lines if line.get("event") == "postback rejected"] == [

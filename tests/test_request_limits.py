@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Bridge, BridgeFactory, base_settings, scrape, value, write_config
-from tests.daemon_proc import DaemonProcess, free_port
+from tests.conftest import Bridge, BridgeFactory, base_settings, scrape, value
+from tests.daemon_proc import running_daemon
 from tests.fake_tiktok import FakeTikTok
 
 KEY = "pk-limits-5b1e07c3d9"
@@ -114,20 +114,12 @@ async def test_a_url_past_the_parsers_own_limit_is_aiohttps_400_logged_without_t
 
 async def test_the_daemon_answers_an_oversized_url_with_413_too(tmp_path: Path, fake: FakeTikTok) -> None:
     # The runner the daemon builds, not the test server's: its parser must let the URL through to the app.
-    port = free_port()
-    settings = base_settings(fake.url)
-    settings["server"]["port"] = port
-    daemon = DaemonProcess(write_config(tmp_path, settings), port)
-    daemon.start()
-    try:
-        await daemon.wait_ready()
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{daemon.url}/postback/keitaro", params={**SALE, "subid": "x" * 9000}) as resp,
-        ):
-            assert (resp.status, await resp.json()) == (413, {"error": "request URL longer than 8192 bytes"})
-    finally:
-        daemon.stop()
+    async with (
+        running_daemon(tmp_path, base_settings(fake.url)) as daemon,
+        aiohttp.ClientSession() as session,
+        session.get(f"{daemon.url}/postback/keitaro", params={**SALE, "subid": "x" * 9000}) as resp,
+    ):
+        assert (resp.status, await resp.json()) == (413, {"error": "request URL longer than 8192 bytes"})
 
 
 async def test_a_postback_refused_as_too_large_is_counted_and_logged_as_rejected(
