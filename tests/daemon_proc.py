@@ -17,6 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.conftest import write_config
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -116,8 +118,6 @@ class DaemonProcess:
 async def running_daemon(directory: Path, settings: dict[str, Any]) -> AsyncIterator[DaemonProcess]:
     """The daemon on `settings` (at a free port), with its config written into `directory`, started
     and answering; killed on the way out, its log still there to read."""
-    from tests.conftest import write_config  # here: the conftest is loaded first, by pytest
-
     port = free_port()
     daemon = DaemonProcess(
         write_config(directory, {**settings, "server": {**settings["server"], "port": port}}), port
