@@ -105,6 +105,8 @@ class Worker:
         self._task: asyncio.Task[None] | None = None
         # A cycle's claimed rows and outcomes, from its send until the database has recorded them.
         self._unrecorded: tuple[list[Item], list[Outcome]] | None = None
+        # Pixels a reload changed since the cycle began (pixel_changed): see _after_reload.
+        self._reloaded: set[str] = set()
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class Worker:
         for name in names:
             self.held_until.pop(name, None)
             self.outages.pop(name, None)
+        self._reloaded.update(names)
 
     async def _run(self) -> None:
         store = self.runtime.store
@@ -196,6 +199,7 @@ class Worker:
             # the same events would be sent again each time their lease ran out, for as long as the
             # database refuses writes. Raises (a failed cycle, tried again shortly) while it still does.
             await self._record(*self._unrecorded)
+        self._reloaded.clear()
         now = self.clock()
         # At most one request's worth per cycle (all pixels together): a larger claim made the event
         # loop work proportionally longer at once. A full claim means no linger before the next cycle,
@@ -212,7 +216,7 @@ class Worker:
 
     async def _record(self, rows: list[Item], outcomes: list[Outcome]) -> None:
         """Write a cycle's outcomes (releasing their leases), then count and log them."""
-        await self.runtime.store.apply(outcomes, self.clock())
+        await self.runtime.store.apply(self._after_reload(outcomes), self.clock())
         self._unrecorded = None
         for row in rows:
             self._probes.pop(row["id"], None)
@@ -230,6 +234,20 @@ class Worker:
                     _log_not_delivered(by_id[outcome.id], outcome)
         for (pixel, state), events in finished.items():
             self.runtime.metrics.delivered.labels(pixel, state).inc(events)
+
+    def _after_reload(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """A reload that changed a pixel (a fixed token) while the cycle was out made that pixel's
+        waiting events due now (Daemon.reload). The cycle's own, decided before it (held until the old
+        token's probe, or gated) and written only now, would undo that: they are due now too."""
+        if not self._reloaded:
+            return outcomes
+        due = self.clock()
+        return [
+            dataclasses.replace(o, next_attempt_at=due)
+            if o.state == PENDING and o.sent_pixel in self._reloaded and (o.next_attempt_at or 0) > due
+            else o
+            for o in outcomes
+        ]
 
     async def _handle(self, rows: list[Any], now: float) -> list[Outcome]:
         """Decide every claimed event: expired, unroutable, unmatched, waiting, or sent (and how it went)."""

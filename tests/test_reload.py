@@ -26,6 +26,7 @@ from tests.conftest import (
     BridgeFactory,
     base_settings,
     tiktok_stand_in,
+    until,
     write_config,
 )
 from tests.daemon_proc import DaemonProcess, free_port
@@ -33,6 +34,16 @@ from tests.fake_tiktok import FakeTikTok
 
 WRONG_TOKEN = "a-token-tiktok-refuses-0000"
 ROTATED_TOKEN = "token-main-rotated-0123456789"
+
+
+async def sighup_with_token(bridge: Bridge, pixel: str, token: str) -> None:
+    """The operator puts a new access token into the config file and reloads, as SIGHUP does."""
+    settings = yaml.safe_load(bridge.config.path.read_text())
+    settings["pixels"][pixel]["access_token"] = token
+    bridge.config.path.write_text(yaml.safe_dump(settings))
+    daemon = Daemon(bridge.config, notifier=Notifier.from_env({}))
+    daemon.runtime, daemon.worker = bridge.runtime, bridge.worker
+    assert await daemon.reload()
 
 
 @pytest.fixture
@@ -202,13 +213,8 @@ async def test_a_reload_that_changes_a_failing_pixel_tries_it_at_once_not_after_
         await bridge.deliver()
     assert [r.http_status for r in fake.requests] == [502] * 4
 
-    settings = yaml.safe_load(bridge.config.path.read_text())
-    settings["pixels"]["main"]["access_token"] = ROTATED_TOKEN
     fake.set_token(MAIN_CODE, ROTATED_TOKEN)
-    bridge.config.path.write_text(yaml.safe_dump(settings))
-    daemon = Daemon(bridge.config, notifier=Notifier.from_env({}))
-    daemon.runtime, daemon.worker = bridge.runtime, bridge.worker
-    assert await daemon.reload()
+    await sighup_with_token(bridge, "main", ROTATED_TOKEN)
     await bridge.deliver()
 
     assert [(r.token, r.answer_code) for r in fake.requests[4:]] == [(ROTATED_TOKEN, 0)]
@@ -243,12 +249,7 @@ async def test_a_token_fixed_while_a_request_with_the_old_one_is_out_is_used_at_
     sending = asyncio.create_task(bridge.deliver())
     await asyncio.wait_for(arrived.wait(), 10)
 
-    settings = yaml.safe_load(bridge.config.path.read_text())
-    settings["pixels"]["second"]["access_token"] = SECOND_TOKEN
-    bridge.config.path.write_text(yaml.safe_dump(settings))
-    daemon = Daemon(bridge.config, notifier=Notifier.from_env({}))
-    daemon.runtime, daemon.worker = bridge.runtime, bridge.worker
-    assert await daemon.reload()
+    await sighup_with_token(bridge, "second", SECOND_TOKEN)
     answer.set()
     await sending
 
@@ -299,3 +300,57 @@ async def test_sighup_that_turns_dry_run_on_warns_with_the_events_it_will_not_se
     rewrite(daemon, settings)
     daemon.signal(signal.SIGHUP)
     await daemon.wait_log(lambda line: line["event"].startswith("tiktok.dry_run is false"))
+
+
+async def a_tiktok_refusing_mains_old_token_and_holding_seconds_answer(
+    aiohttp_server: Any, second_out: asyncio.Event, answer_second: asyncio.Event, accepted: list[str]
+) -> str:
+    """Refuses pixel main's requests until its token is rotated; answers pixel second's only once the
+    test says so (a slow answer: the worker's cycle is still out meanwhile)."""
+
+    async def track(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["event_source_id"] == MAIN_CODE and request.headers["Access-Token"] != ROTATED_TOKEN:
+            return web.json_response({"code": 40001, "message": "No permission", "request_id": "r-held"})
+        if body["event_source_id"] == SECOND_CODE:
+            second_out.set()
+            await answer_second.wait()
+        accepted.extend(event["event_id"] for event in body["data"])
+        return web.json_response({"code": 0, "message": "OK", "request_id": f"r-{len(accepted)}"})
+
+    return await tiktok_stand_in(aiohttp_server, track)
+
+
+@pytest.mark.parametrize("refused", ["in an earlier cycle", "in the same cycle"])
+async def test_events_of_a_held_pixel_decided_before_a_token_fixing_reload_are_sent_at_once(
+    make_bridge: BridgeFactory, aiohttp_server: Any, refused: str
+) -> None:
+    # The cycle decides main's events (held, or gated by the hold) before the reload lands and records
+    # them after it: they must not wait out the old token's 5-minute hold.
+    second_out, answer_second, accepted = asyncio.Event(), asyncio.Event(), []
+    endpoint = await a_tiktok_refusing_mains_old_token_and_holding_seconds_answer(
+        aiohttp_server, second_out, answer_second, accepted
+    )
+
+    def edit(settings: dict[str, Any]) -> None:
+        settings["tiktok"]["endpoint"] = endpoint
+
+    bridge = await make_bridge(edit=edit)
+    await bridge.postback("keitaro", subid="a1", external_id="E.C.P.a1", status="lead")
+    if refused == "in an earlier cycle":
+        await bridge.deliver()
+        assert "main" in bridge.worker.held_until
+        await bridge.postback("keitaro", subid="a2", external_id="E.C.P.a2", status="lead")
+    assert await bridge.click(click_id="b1", pixel="second") == 204
+    await bridge.postback("keitaro", subid="b1", external_id="E.C.P.b1", status="lead")
+    cycle = asyncio.create_task(bridge.worker.run_once())
+    await asyncio.wait_for(second_out.wait(), 10)
+    await until(lambda: "main" in bridge.worker.held_until, 10, "main held")
+
+    await sighup_with_token(bridge, "main", ROTATED_TOKEN)
+    answer_second.set()
+    await asyncio.wait_for(cycle, 10)
+    await bridge.deliver()
+
+    expected = ["a1_Lead", "b1_Lead"] if refused == "in the same cycle" else ["a1_Lead", "a2_Lead", "b1_Lead"]
+    assert sorted(accepted) == expected
