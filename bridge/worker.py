@@ -303,17 +303,6 @@ class Worker:
         sent = await asyncio.gather(*(self._deliver_pixel(pixel, items) for pixel, items in batches.items()))
         for pixel_outcomes in sent:
             outcomes.extend(pixel_outcomes)
-        # A reload that put a pixel back while the cycle's requests were out made due what was recorded
-        # as waiting for it, not these, which are recorded only now: they are due now too.
-        restored = {pixel for pixel in unconfigured if self.runtime.config.configured(pixel)}
-        if restored:
-            due = self.clock()
-            outcomes = [
-                dataclasses.replace(o, next_attempt_at=due)
-                if o.error == UNCONFIGURED and o.sent_pixel in restored
-                else o
-                for o in outcomes
-            ]
         return outcomes
 
     def _gate(self, pixel: str, now: float) -> float:

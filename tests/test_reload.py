@@ -6,7 +6,7 @@ import asyncio
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,19 @@ WRONG_TOKEN = "a-token-tiktok-refuses-0000"
 ROTATED_TOKEN = "token-main-rotated-0123456789"
 
 
-async def sighup_with_token(bridge: Bridge, pixel: str, token: str) -> None:
-    """The operator puts a new access token into the config file and reloads, as SIGHUP does."""
+async def sighup(bridge: Bridge, edit: Callable[[dict[str, Any]], Any]) -> None:
+    """The operator edits the config file and reloads, as SIGHUP does."""
     settings = yaml.safe_load(bridge.config.path.read_text())
-    settings["pixels"][pixel]["access_token"] = token
+    edit(settings)
     bridge.config.path.write_text(yaml.safe_dump(settings))
     daemon = Daemon(bridge.config, notifier=Notifier.from_env({}))
     daemon.runtime, daemon.worker = bridge.runtime, bridge.worker
     assert await daemon.reload()
+
+
+async def sighup_with_token(bridge: Bridge, pixel: str, token: str) -> None:
+    """The operator puts a new access token into the config file and reloads."""
+    await sighup(bridge, lambda settings: settings["pixels"][pixel].update(access_token=token))
 
 
 @pytest.fixture
@@ -354,3 +359,40 @@ async def test_events_of_a_held_pixel_decided_before_a_token_fixing_reload_are_s
 
     expected = ["a1_Lead", "b1_Lead"] if refused == "in the same cycle" else ["a1_Lead", "a2_Lead", "b1_Lead"]
     assert sorted(accepted) == expected
+
+
+async def test_events_decided_as_waiting_for_a_removed_pixel_are_sent_at_once_when_a_reload_puts_it_back(
+    make_bridge: BridgeFactory, aiohttp_server: Any
+) -> None:
+    # The cycle decides second's event (its pixel is gone) while main's request is out; the reload that
+    # puts second back lands before the cycle records it.
+    main_out, answer_main, accepted = asyncio.Event(), asyncio.Event(), []
+
+    async def track(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["event_source_id"] == MAIN_CODE:
+            main_out.set()
+            await answer_main.wait()
+        accepted.extend(event["event_id"] for event in body["data"])
+        return web.json_response({"code": 0, "message": "OK", "request_id": f"r-{len(accepted)}"})
+
+    endpoint = await tiktok_stand_in(aiohttp_server, track)
+
+    def edit(settings: dict[str, Any]) -> None:
+        settings["tiktok"]["endpoint"] = endpoint
+
+    bridge = await make_bridge(edit=edit)
+    second = bridge.config.settings.pixels["second"].model_dump()
+    assert await bridge.click(click_id="b1", pixel="second") == 204
+    await sighup(bridge, lambda settings: settings["pixels"].pop("second"))
+    await bridge.postback("keitaro", subid="b1", external_id="E.C.P.b1", status="lead")
+    await bridge.postback("keitaro", subid="a1", external_id="E.C.P.a1", status="lead")
+    cycle = asyncio.create_task(bridge.worker.run_once())
+    await asyncio.wait_for(main_out.wait(), 10)
+
+    await sighup(bridge, lambda settings: settings["pixels"].update(second=second))
+    answer_main.set()
+    await asyncio.wait_for(cycle, 10)
+    await bridge.deliver()
+
+    assert sorted(accepted) == ["a1_Lead", "b1_Lead"]
